@@ -1,0 +1,1 @@
+"""orm-async-tests: the executable field guide to async SQLAlchemy on PostgreSQL."""

