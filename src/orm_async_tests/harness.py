@@ -1,0 +1,270 @@
+"""The experiment harness (after SQLAlchemy's ``examples/performance``).
+
+An experiment is one module ``testN_<subject>.py`` with one async function
+registered by :func:`experiment`::
+
+    @experiment(1, "Concurrent loader and dependent reader")
+    async def run(lab: Lab, *, users: int = 200) -> None:
+        '''Can two tasks, each with its own AsyncSession, ...?'''   # the question
+        ...                                                         # the experiment
+        lab.check("final count", "every user is committed once",    # the answer
+                  expected=users, observed=count)
+
+The docstring is the question; the keyword-only parameters are its sizes
+(``poetry run test1 --users 1000``); every :meth:`Lab.check` records a claim,
+what was expected, what was observed and whether they agree. The runner prints
+a findings table and exits non-zero when any check fails, when the experiment
+made no check at all, or when it raised.
+
+Each run gets a unique :attr:`Lab.tag`; rows an experiment creates carry it
+(usernames, group names, job queues) and are deleted afterwards, so runs can
+repeat and interleave.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import delete, event, text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from .db import Database, create_engine
+from .models import Group, Job, User
+
+Body = Callable[..., Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    claim: str
+    expected: str
+    observed: str
+    passed: bool
+
+
+@dataclass(frozen=True)
+class Figure:
+    label: str
+    value: float
+    unit: str
+
+    def shown(self) -> str:
+        if self.unit == "s":
+            return f"{self.value:.3f} s" if self.value < 10 else f"{self.value:.1f} s"
+        if self.unit == "MiB":
+            return f"{self.value:.2f} MiB"
+        if self.unit in ("x", "ratio"):
+            return f"{self.value:.2f}x"
+        number = f"{self.value:,.0f}" if self.value == int(self.value) else f"{self.value:,.2f}"
+        return f"{number} {self.unit}".rstrip()
+
+
+class Lab:
+    """What an experiment gets: the database, a tag for its rows, and its record."""
+
+    def __init__(self, db: Database, number: int) -> None:
+        self.db = db
+        self.tag = f"e{number}-{secrets.token_hex(3)}-"
+        self.checks: list[Check] = []
+        self.figures: list[Figure] = []
+        self.notes: list[str] = []
+        self._engines: list[AsyncEngine] = []
+
+    @property
+    def engine(self) -> AsyncEngine:
+        return self.db.engine
+
+    @property
+    def sessions(self) -> async_sessionmaker[AsyncSession]:
+        return self.db.sessions
+
+    def check(
+        self,
+        name: str,
+        claim: str,
+        *,
+        expected: Any,
+        observed: Any,
+        passed: bool | None = None,
+    ) -> bool:
+        """Record one finding. Without ``passed``, it passes when observed == expected."""
+        ok = (observed == expected) if passed is None else bool(passed)
+        self.checks.append(Check(name, claim, _text(expected), _text(observed), ok))
+        return ok
+
+    def figure(self, label: str, value: float, unit: str = "") -> float:
+        """Record a measured figure (a timing, a size, a rate) for the report."""
+        self.figures.append(Figure(label, float(value), unit))
+        return value
+
+    @contextmanager
+    def timed(self, label: str) -> Iterator[list[float]]:
+        """``with lab.timed("load"):`` records wall time; the yielded list gets the seconds."""
+        box: list[float] = []
+        started = time.perf_counter()
+        try:
+            yield box
+        finally:
+            box.append(time.perf_counter() - started)
+            self.figure(label, box[0], "s")
+
+    @contextmanager
+    def statements(self, engine: AsyncEngine | None = None) -> Iterator[list[str]]:
+        """``with lab.statements() as sent:`` collects the SQL each cursor executes."""
+        sync_engine = (engine or self.engine).sync_engine
+        sent: list[str] = []
+
+        def record(
+            conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool
+        ) -> None:
+            sent.append(" ".join(statement.split()))
+
+        event.listen(sync_engine, "before_cursor_execute", record)
+        try:
+            yield sent
+        finally:
+            event.remove(sync_engine, "before_cursor_execute", record)
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+    def engine_with(self, **overrides: Any) -> AsyncEngine:
+        """Another engine on the same server with some options changed; disposed after the run."""
+        engine = create_engine(self.db.settings, self.db.target, **overrides)
+        self._engines.append(engine)
+        return engine
+
+    async def close(self) -> None:
+        for engine in self._engines:
+            await engine.dispose()
+        self._engines.clear()
+        await delete_tagged(self.sessions, self.tag)
+
+
+async def delete_tagged(sessions: async_sessionmaker[AsyncSession], tag: str) -> None:
+    """Delete the rows a run created (users cascade to track points and memberships)."""
+    async with sessions.begin() as session:
+        # a connection left holding locks must not turn the cleanup into a hang
+        await session.execute(text("SET LOCAL lock_timeout = '10s'"))
+        await session.execute(delete(User).where(User.username.startswith(tag)))
+        await session.execute(delete(Group).where(Group.name.startswith(tag)))
+        await session.execute(delete(Job).where(Job.queue.startswith(tag)))
+
+
+@dataclass
+class Result:
+    experiment: Experiment
+    params: dict[str, Any]
+    checks: list[Check]
+    figures: list[Figure]
+    notes: list[str]
+    seconds: float
+    error: str | None = None
+
+    @property
+    def failed(self) -> list[Check]:
+        return [c for c in self.checks if not c.passed]
+
+    @property
+    def passed(self) -> bool:
+        return self.error is None and bool(self.checks) and not self.failed
+
+    def verdict(self) -> str:
+        if self.error is not None:
+            return f"ERROR: {self.error}"
+        if not self.checks:
+            return "FAILED: the experiment made no check"
+        bad = len(self.failed)
+        word = "PASSED" if bad == 0 else "FAILED"
+        return f"{word}: {len(self.checks) - bad}/{len(self.checks)} checks hold"
+
+
+@dataclass
+class Experiment:
+    number: int
+    title: str
+    body: Body
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"test{self.number}"
+
+    @property
+    def question(self) -> str:
+        return inspect.cleandoc(self.body.__doc__ or "").strip()
+
+    @property
+    def background(self) -> str:
+        module = inspect.getmodule(self.body)
+        return inspect.cleandoc(module.__doc__ or "") if module else ""
+
+    async def run(self, db: Database, **params: Any) -> Result:
+        """Run the body on ``db`` and collect its checks; exceptions propagate."""
+        unknown = set(params) - set(self.params)
+        if unknown:
+            raise TypeError(f"{self.name} has no parameter(s) {', '.join(sorted(unknown))}")
+        values = {**self.params, **params}
+        lab = Lab(db, self.number)
+        started = time.perf_counter()
+        try:
+            await self.body(lab, **values)
+        finally:
+            await lab.close()
+        return Result(
+            self, values, lab.checks, lab.figures, lab.notes, time.perf_counter() - started
+        )
+
+    def main(self, argv: list[str] | None = None) -> int:
+        """Entry point of ``poetry run testN``: run this experiment, print, exit."""
+        from .cli import run_one
+
+        return run_one(self, argv)
+
+
+REGISTRY: dict[int, Experiment] = {}
+
+
+def experiment(number: int, title: str) -> Callable[[Body], Experiment]:
+    """Register an async body as experiment ``number``; its keyword-only args are its sizes."""
+
+    def register(body: Body) -> Experiment:
+        signature = inspect.signature(body)
+        params = {
+            name: p.default
+            for name, p in signature.parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+        }
+        missing = [name for name, value in params.items() if value is inspect.Parameter.empty]
+        if missing:
+            raise TypeError(f"experiment {number}: give {', '.join(missing)} a default")
+        if number in REGISTRY and REGISTRY[number].body.__module__ != body.__module__:
+            raise ValueError(f"experiment number {number} is taken")
+        found = Experiment(number, title, body, params)
+        REGISTRY[number] = found
+        return found
+
+    return register
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    if isinstance(value, BaseException):
+        return f"{type(value).__name__}: {first_line(value)}"
+    return str(value)
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message without SQLAlchemy's SQL echo and background link."""
+    lines = str(exc).strip().splitlines()
+    line = lines[0] if lines else ""
+    return re.sub(r"\s*\(Background on this error at: [^)]*\)", "", line)
