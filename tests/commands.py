@@ -1,0 +1,47 @@
+"""Run the project's console scripts in a subprocess, as a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+SCRIPTS = Path(sys.executable).parent
+
+
+@dataclass
+class Ran:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def text(self) -> str:
+        return self.out + self.err
+
+
+def run_command(
+    command: str, *args: str, env: dict[str, str | None] | None = None, timeout: float = 120
+) -> Ran:
+    """Run one of the project's console scripts (``test1``, ``alembic``, ...) as a user would.
+
+    ``env`` entries override the current environment; ``None`` removes a variable.
+    """
+    full = dict(os.environ)
+    for key, value in (env or {}).items():
+        if value is None:
+            full.pop(key, None)
+        else:
+            full[key] = value
+    done = subprocess.run(
+        [str(SCRIPTS / command), *args],
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=Path(__file__).resolve().parent.parent,
+        check=False,
+    )
+    return Ran(done.returncode, done.stdout, done.stderr)

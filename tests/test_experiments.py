@@ -1,0 +1,64 @@
+"""Every experiment, run on the test database: each of its checks must hold.
+
+A check that fails here means SQLAlchemy, the driver or PostgreSQL now behaves
+differently from what the experiment states: the report in the failure
+message says which observation changed.
+"""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import func, select
+
+from orm_async_tests.cli import discover, format_report
+from orm_async_tests.db import Database
+from orm_async_tests.harness import Experiment, Lab
+from orm_async_tests.models import User
+
+EXPERIMENTS = discover()
+
+
+@pytest.mark.parametrize("number", sorted(EXPERIMENTS))
+async def test_experiment_checks_hold_twice_and_it_cleans_up(
+    database: Database, number: int
+) -> None:
+    experiment = EXPERIMENTS[number]
+    for _ in range(2):  # a second run must find no leftovers that change its verdicts
+        result = await experiment.run(database)
+        report = format_report(result, database, await database.server_version())
+        assert result.checks, report
+        assert result.passed, report
+    async with database.sessions() as session:
+        left = await session.scalar(
+            select(func.count()).select_from(User).where(User.username.like(f"e{number}-%"))
+        )
+    assert left == 0
+
+
+async def _two_checks(lab: Lab, *, fail: bool = False) -> None:
+    """A stand-in experiment with one check that holds and one that may not."""
+    lab.check("holds", "1 is 1", expected=1, observed=1)
+    lab.check("may fail", "observed matches", expected="a", observed="b" if fail else "a")
+
+
+async def _no_checks(lab: Lab) -> None:
+    """Observes nothing."""
+
+
+async def test_harness_verdicts(database: Database) -> None:
+    ok = await Experiment(901, "ok", _two_checks, {"fail": False}).run(database)
+    bad = await Experiment(902, "bad", _two_checks, {"fail": False}).run(database, fail=True)
+    empty = await Experiment(903, "empty", _no_checks).run(database)
+    assert ok.passed
+    assert ok.verdict().startswith("PASSED: 2/2")
+    assert not bad.passed
+    assert [c.name for c in bad.failed] == ["may fail"]
+    assert bad.verdict().startswith("FAILED: 1/2")
+    assert not empty.passed
+    assert "no check" in empty.verdict()
+    report = format_report(bad, database, "18")
+    assert "FAIL" in report
+    assert "may fail" in report
+    assert "observed matches" in report
+    with pytest.raises(TypeError, match="no parameter"):
+        await Experiment(904, "x", _two_checks, {"fail": False}).run(database, size=3)
