@@ -1,0 +1,73 @@
+"""nox sessions: `nox -s tests` (the default), `lint`, `typecheck`, `migrations`.
+
+Each session installs the project into its own virtualenv with Poetry, from
+poetry.lock (`poetry sync`), so nox tests exactly what the lock file pins.
+`nox -s tests -- <pytest args>` passes the arguments on to pytest.
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.sessions = ["tests"]
+nox.options.error_on_missing_interpreters = True
+
+
+def install(session: nox.Session) -> None:
+    """`poetry sync` (project + dev group) into the session's virtualenv."""
+    session.run_install(
+        "poetry",
+        "sync",
+        "--with",
+        "dev",
+        "--no-interaction",
+        external=True,
+        env={"VIRTUAL_ENV": session.virtualenv.location, "POETRY_VIRTUALENVS_CREATE": "false"},
+    )
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """pytest: every experiment's checks, the db module, migrations, bad input."""
+    install(session)
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff: lint and formatting."""
+    install(session)
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict on the package (settings in pyproject.toml)."""
+    install(session)
+    session.run("mypy", "--strict")
+
+
+@nox.session
+def migrations(session: nox.Session) -> None:
+    """upgrade head → check (no drift) → downgrade base → upgrade head → check, and offline SQL.
+
+    Without DATABASE_URL: on a throw-away embedded PostgreSQL. With it: in a schema
+    of its own (DB_SCHEMA=nox_migrations), so the data of `public` stay untouched.
+    """
+    install(session)
+    env = {"DB_SCHEMA": "nox_migrations"}
+    if not os.environ.get("DATABASE_URL"):
+        env["EMBEDDED_PGDATA"] = os.path.join(session.create_tmp(), "pgdata")
+    for args in (
+        ["upgrade", "head"],
+        ["check"],
+        ["downgrade", "base"],
+        ["upgrade", "head"],
+        ["check"],
+        ["current"],
+    ):
+        session.run("alembic", *args, env=env)
+    session.run("alembic", "upgrade", "head", "--sql", env=env, silent=True)
