@@ -137,7 +137,12 @@ class Lab:
         self.notes.append(text)
 
     def engine_with(self, **overrides: Any) -> AsyncEngine:
-        """Another engine on the same server with some options changed; disposed after the run."""
+        """Another engine on the same server with some options changed; disposed after the run.
+
+        Its connections carry ``application_name`` = :attr:`tag` unless told
+        otherwise, so ``pg_stat_activity`` counts this run's connections only.
+        """
+        overrides.setdefault("application_name", self.tag)
         engine = create_engine(self.db.settings, self.db.target, **overrides)
         self._engines.append(engine)
         return engine
@@ -255,11 +260,25 @@ def experiment(number: int, title: str) -> Callable[[Body], Experiment]:
     return register
 
 
+def describe(exc: BaseException) -> str:
+    """``"TypeName: first line of the message"``: how experiments report an error."""
+    return f"{type(exc).__name__}: {first_line(exc)}"
+
+
+async def outcome(awaitable: Awaitable[Any]) -> str:
+    """Await it: ``"ok"``, or :func:`describe` of what it raised."""
+    try:
+        await awaitable
+    except Exception as exc:
+        return describe(exc)
+    return "ok"
+
+
 def _text(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3f}"
     if isinstance(value, BaseException):
-        return f"{type(value).__name__}: {first_line(value)}"
+        return describe(value)
     return str(value)
 
 

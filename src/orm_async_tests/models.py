@@ -9,7 +9,8 @@ What each experiment leans on:
 - one-to-many ``User.track_points`` / many-to-one ``TrackPoint.user``;
 - many-to-many ``User.groups`` / ``Group.members`` through ``memberships``;
 - JSONB ``User.profile`` and ``Job.payload``; PostgreSQL enums ``user_status``
-  and ``job_status``;
+  and ``job_status``; UUID ``User.public_id`` (``gen_random_uuid()``); ARRAY
+  ``User.tags``;
 - server-side defaults (``created_at``, ``updated_at``, ``status``, ``profile``,
   ``login_count``); ``updated_at`` is also set to ``now()`` by every ORM or Core
   ``UPDATE`` (``onupdate``) — a raw SQL ``UPDATE`` does not touch it;
@@ -22,6 +23,7 @@ What each experiment leans on:
 from __future__ import annotations
 
 import enum
+import uuid
 from datetime import datetime
 from typing import Any
 
@@ -40,7 +42,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.ext.asyncio import AsyncAttrs
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -101,6 +103,8 @@ class User(Timestamps, Base):
     )
     profile: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
     login_count: Mapped[int] = mapped_column(server_default=text("0"))
+    public_id: Mapped[uuid.UUID] = mapped_column(server_default=func.gen_random_uuid(), unique=True)
+    tags: Mapped[list[str]] = mapped_column(ARRAY(String(32)), server_default=text("'{}'"))
 
     track_points: Mapped[list[TrackPoint]] = relationship(
         back_populates="user", cascade="all, delete-orphan", passive_deletes=True

@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from .db import create_session_factory
-from .harness import Lab, experiment, first_line
+from .harness import Lab, describe, experiment, outcome
 from .models import TrackPoint, User
 
 
@@ -141,13 +141,13 @@ async def run(
         lab.sessions() as reader_session,
         lab.sessions() as probe_session,
     ):
-        outcome = await asyncio.gather(
+        results = await asyncio.gather(
             load_users(loader_session, names, batch, pause, trace, probe_session),
             follow_users(reader_session, names, points, poll, trace),
             return_exceptions=True,
         )
     wall = time.perf_counter() - wall_started
-    errors = [first_line(e) for e in outcome if isinstance(e, BaseException)]
+    errors = [describe(e) for e in results if isinstance(e, BaseException)]
     lab.check(
         "one session per task: no error",
         "Two tasks with a session each run side by side without any error.",
@@ -257,23 +257,22 @@ async def share_one_session(lab: Lab, names: list[str]) -> dict[str, SharedOutco
         async with sessions() as session:
             if variant != "fresh session":
                 await session.execute(select(1))
-            outcome = await asyncio.gather(
+            results = await asyncio.gather(
                 load_users(session, own, max(1, len(own) // 4), 0.0, Trace()),
                 follow_users(session, own, 1, 0.001, Trace(), give_up_after=5.0),
                 return_exceptions=True,
             )
-        errors = [e for e in outcome if isinstance(e, BaseException)]
-        error = f"{type(errors[0]).__name__}: {first_line(errors[0])}" if errors else "no error"
-        found[variant] = SharedOutcome(error, await next_use(sessions), await next_use(sessions))
+        errors = [e for e in results if isinstance(e, BaseException)]
+        error = describe(errors[0]) if errors else "no error"
+        found[variant] = SharedOutcome(
+            error,
+            await outcome(one_transaction(sessions)),
+            await outcome(one_transaction(sessions)),
+        )
         await engine.dispose()
     return found
 
 
-async def next_use(sessions: async_sessionmaker[AsyncSession]) -> str:
-    """One short transaction on the pool: "ok", or the error it met."""
-    try:
-        async with sessions.begin() as session:
-            await session.execute(select(1))
-    except Exception as exc:
-        return f"{type(exc).__name__}: {first_line(exc)}"
-    return "ok"
+async def one_transaction(sessions: async_sessionmaker[AsyncSession]) -> None:
+    async with sessions.begin() as session:
+        await session.execute(select(1))

@@ -25,7 +25,7 @@ from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import joinedload
 
-from .harness import Lab, experiment, first_line
+from .harness import Lab, describe, experiment
 from .models import TrackPoint, User
 
 # named cursors/portals only: the query below runs in the unnamed portal itself
@@ -181,5 +181,5 @@ async def joined_collection_with_yield_per(lab: Lab, yield_per: int) -> str:
             async for _ in result:
                 pass
         except InvalidRequestError as exc:
-            return f"{type(exc).__name__}: {first_line(exc)}"
+            return describe(exc)
     return "no error: the rows streamed"
