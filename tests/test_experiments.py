@@ -25,7 +25,11 @@ async def test_experiment_checks_hold_twice_and_it_cleans_up(
     experiment = EXPERIMENTS[number]
     for _ in range(2):  # a second run must find no leftovers that change its verdicts
         result = await experiment.run(database)
-        report = format_report(result, database, await database.server_version())
+        if result.skipped is not None:
+            pytest.skip(f"{experiment.name}: {result.skipped}")
+        report = format_report(
+            result, database, await database.server_version(), with_traceback=True
+        )
         assert result.checks, report
         assert result.passed, report
     async with database.sessions() as session:
@@ -62,3 +66,25 @@ async def test_harness_verdicts(database: Database) -> None:
     assert "observed matches" in report
     with pytest.raises(TypeError, match="no parameter"):
         await Experiment(904, "x", _two_checks, {"fail": False}).run(database, size=3)
+
+
+async def _raises(lab: Lab) -> None:
+    """Checks one thing, then breaks."""
+    lab.check("holds", "1 is 1", expected=1, observed=1)
+    raise ValueError("boom")
+
+
+async def _skips(lab: Lab) -> None:
+    """Cannot run here."""
+    lab.skip("no such server here")
+
+
+async def test_harness_errors_and_skips(database: Database) -> None:
+    broken = await Experiment(905, "broken", _raises).run(database)
+    assert not broken.passed
+    assert broken.verdict() == "ERROR: ValueError: boom (after 1/1 checks hold)"
+    assert broken.traceback is not None
+    assert "boom" in format_report(broken, database, "18", with_traceback=True)
+    skipped = await Experiment(906, "skipped", _skips).run(database)
+    assert not skipped.passed
+    assert skipped.verdict() == "SKIPPED: no such server here"

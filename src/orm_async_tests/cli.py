@@ -118,22 +118,18 @@ async def run_experiments(
             print(message)
         failures = 0
         for exp, params in plan:
-            try:
-                result = await exp.run(db, **params)
-            except Exception as exc:
-                if explain(exc, target) is not None:
-                    raise
-                if os.environ.get("ORM_ASYNC_TESTS_TRACEBACK"):
-                    traceback.print_exc()
-                result = Result(
-                    exp, params, [], [], [], 0.0, f"{type(exc).__name__}: {first_line(exc)}"
-                )
-            print(format_report(result, db, server))
-            failures += not result.passed
+            result = await exp.run(db, **params)
+            if result.exception is not None and explain(result.exception, target) is not None:
+                raise result.exception  # a setup problem: one line, exit 2
+            show = bool(os.environ.get("ORM_ASYNC_TESTS_TRACEBACK"))
+            print(format_report(result, db, server, with_traceback=show))
+            failures += not (result.passed or result.skipped)
     return EXIT_FAILED if failures else EXIT_OK
 
 
-def format_report(result: Result, db: Database, server_version: str) -> str:
+def format_report(
+    result: Result, db: Database, server_version: str, *, with_traceback: bool = False
+) -> str:
     exp = result.experiment
     out: list[str] = []
     head = f"══ {exp.name} · {exp.title} "
@@ -172,6 +168,9 @@ def format_report(result: Result, db: Database, server_version: str) -> str:
         out.append("Notes:")
         for note in result.notes:
             out.append(_hanging("- ", note))
+    if with_traceback and result.traceback:
+        out.append("")
+        out.append(result.traceback.rstrip())
     out.append("")
     out.append(f"{result.verdict()} ({result.seconds:.2f} s)")
     out.append("")

@@ -27,10 +27,11 @@ import inspect
 import re
 import secrets
 import time
+import traceback
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from sqlalchemy import delete, event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -133,6 +134,10 @@ class Lab:
         finally:
             event.remove(sync_engine, "before_cursor_execute", record)
 
+    def skip(self, reason: str) -> NoReturn:
+        """Stop here: the experiment cannot run on this setup (reported as SKIPPED)."""
+        raise Skip(reason)
+
     def note(self, text: str) -> None:
         self.notes.append(text)
 
@@ -164,6 +169,10 @@ async def delete_tagged(sessions: async_sessionmaker[AsyncSession], tag: str) ->
         await session.execute(delete(Job).where(Job.queue.startswith(tag)))
 
 
+class Skip(Exception):
+    """Raised by :meth:`Lab.skip`: the experiment cannot run here, and says why."""
+
+
 @dataclass
 class Result:
     experiment: Experiment
@@ -173,6 +182,11 @@ class Result:
     notes: list[str]
     seconds: float
     error: str | None = None
+    """What the body raised (``describe``), if it raised."""
+    exception: BaseException | None = field(default=None, repr=False)
+    traceback: str | None = field(default=None, repr=False)
+    skipped: str | None = None
+    """Why the experiment did not run (``lab.skip``): never counted as passed."""
 
     @property
     def failed(self) -> list[Check]:
@@ -180,16 +194,17 @@ class Result:
 
     @property
     def passed(self) -> bool:
-        return self.error is None and bool(self.checks) and not self.failed
+        return self.error is None and self.skipped is None and bool(self.checks) and not self.failed
 
     def verdict(self) -> str:
+        if self.skipped is not None:
+            return f"SKIPPED: {self.skipped}"
+        held = f"{len(self.checks) - len(self.failed)}/{len(self.checks)} checks hold"
         if self.error is not None:
-            return f"ERROR: {self.error}"
+            return f"ERROR: {self.error} (after {held})"
         if not self.checks:
             return "FAILED: the experiment made no check"
-        bad = len(self.failed)
-        word = "PASSED" if bad == 0 else "FAILED"
-        return f"{word}: {len(self.checks) - bad}/{len(self.checks)} checks hold"
+        return f"{'PASSED' if not self.failed else 'FAILED'}: {held}"
 
 
 @dataclass
@@ -213,20 +228,26 @@ class Experiment:
         return inspect.cleandoc(module.__doc__ or "") if module else ""
 
     async def run(self, db: Database, **params: Any) -> Result:
-        """Run the body on ``db`` and collect its checks; exceptions propagate."""
+        """Run the body on ``db``; its checks, and what it raised or why it skipped."""
         unknown = set(params) - set(self.params)
         if unknown:
             raise TypeError(f"{self.name} has no parameter(s) {', '.join(sorted(unknown))}")
         values = {**self.params, **params}
         lab = Lab(db, self.number)
         started = time.perf_counter()
+        result = Result(self, values, lab.checks, lab.figures, lab.notes, 0.0)
         try:
             await self.body(lab, **values)
+        except Skip as why:
+            result.skipped = str(why)
+        except Exception as exc:
+            result.error = describe(exc)
+            result.exception = exc
+            result.traceback = traceback.format_exc()
         finally:
             await lab.close()
-        return Result(
-            self, values, lab.checks, lab.figures, lab.notes, time.perf_counter() - started
-        )
+        result.seconds = time.perf_counter() - started
+        return result
 
     def main(self, argv: list[str] | None = None) -> int:
         """Entry point of ``poetry run testN``: run this experiment, print, exit."""

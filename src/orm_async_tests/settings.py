@@ -45,6 +45,8 @@ class Settings:
     """PostgreSQL schema put first on the ``search_path`` of every connection."""
     embedded_data_dir: Path | None = None
     """``None``: the documented default (see :func:`embedded.default_data_dir`)."""
+    pgbouncer_url: URL | None = None
+    """A PgBouncer in transaction pooling mode (``PGBOUNCER_URL``), for experiment 13."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -60,6 +62,11 @@ class Settings:
         if url is not None:
             driver = url.get_driver_name()
         data_dir = env.get("EMBEDDED_PGDATA", "").strip()
+        raw_bouncer = env.get("PGBOUNCER_URL", "").strip()
+        try:
+            bouncer = normalize_url(raw_bouncer, "asyncpg") if raw_bouncer else None
+        except SettingsError as exc:
+            raise SettingsError(str(exc).replace("DATABASE_URL", "PGBOUNCER_URL")) from None
         schema = env.get("DB_SCHEMA", "").strip() or None
         if schema is not None and not schema.replace("_", "a").isalnum():
             raise SettingsError(f"DB_SCHEMA={schema!r}: use letters, digits and '_' only")
@@ -74,6 +81,7 @@ class Settings:
             connect_timeout=_float(env, "DB_CONNECT_TIMEOUT", 5.0),
             schema=schema,
             embedded_data_dir=Path(data_dir).expanduser() if data_dir else None,
+            pgbouncer_url=bouncer,
         )
 
 
