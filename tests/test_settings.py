@@ -104,3 +104,11 @@ def test_with_driver_keeps_the_server() -> None:
         6543,
         "pw",
     )
+
+
+def test_pgbouncer_url_is_read_and_checked() -> None:
+    settings = Settings.from_env({"PGBOUNCER_URL": "postgresql://postgres@127.0.0.1:6432/test"})
+    assert settings.pgbouncer_url is not None
+    assert settings.pgbouncer_url.drivername == "postgresql+asyncpg"
+    with pytest.raises(SettingsError, match="PGBOUNCER_URL names a 'mysql' database"):
+        Settings.from_env({"PGBOUNCER_URL": "mysql://u@h/d"})

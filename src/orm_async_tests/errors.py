@@ -47,7 +47,11 @@ def explain(exc: BaseException, target: Target | None = None) -> str | None:
 
 def _explain(exc: BaseException, target: Target | None) -> str | None:
     where = _where(target)
-    for err in _chain(exc):
+    hint = START_HINT
+    if target is not None and target.embedded is not None:
+        log = target.embedded.data_dir / "log"
+        hint = f"see the embedded server's log at {log}, or set DATABASE_URL to use another server"
+    for err in linked(exc):
         if isinstance(err, SettingsError | EmbeddedServerError | SchemaNotMigrated):
             return str(err)
         if isinstance(err, ProblemWithSetup):
@@ -79,19 +83,20 @@ def _explain(exc: BaseException, target: Target | None) -> str | None:
             or "Connect call failed" in message
             or ("Connection refused" in message)
         ):
-            return f"cannot reach PostgreSQL at {where} (connection refused): {START_HINT}"
+            return f"cannot reach PostgreSQL at {where} (connection refused): {hint}"
         if isinstance(err, PoolTimeoutError):
             return None  # pool exhaustion is an experiment's subject, not a setup problem
         if isinstance(err, TimeoutError) or "timeout expired" in message:
             seconds = "the connect timeout (DB_CONNECT_TIMEOUT)"
-            return f"no answer from PostgreSQL at {where} within {seconds}: {START_HINT}"
+            return f"no answer from PostgreSQL at {where} within {seconds}: {hint}"
         if isinstance(err, OSError) and err.errno is not None:
-            return f"cannot reach PostgreSQL at {where} ({err.strerror or message}): {START_HINT}"
+            return f"cannot reach PostgreSQL at {where} ({err.strerror or message}): {hint}"
     return None
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    """The exception, what it wraps (``.orig``), its causes and contexts; each once."""
+def linked(exc: BaseException, *, contexts: bool = True) -> Iterator[BaseException]:
+    """The exception, what it wraps (``.orig``), its causes and (unless told otherwise)
+    its contexts; each once, nearest first."""
     seen: set[int] = set()
     todo: list[BaseException] = [exc]
     while todo:
@@ -104,9 +109,9 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
             todo.append(err.orig)
         if isinstance(err, BaseExceptionGroup):
             todo.extend(err.exceptions)
-        for linked in (err.__cause__, err.__context__):
-            if linked is not None:
-                todo.append(linked)
+        for link in (err.__cause__, err.__context__ if contexts else None):
+            if link is not None:
+                todo.append(link)
 
 
 def _where(target: Target | None) -> str:

@@ -23,12 +23,16 @@ repeat and interleave.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import os
 import re
 import secrets
+import subprocess
+import sys
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -37,6 +41,7 @@ from sqlalchemy import delete, event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from .db import Database, create_engine
+from .errors import linked
 from .models import Group, Job, User
 
 Body = Callable[..., Awaitable[None]]
@@ -64,7 +69,8 @@ class Figure:
             return f"{self.value:.2f} MiB"
         if self.unit in ("x", "ratio"):
             return f"{self.value:.2f}x"
-        number = f"{self.value:,.0f}" if self.value == int(self.value) else f"{self.value:,.2f}"
+        whole = self.value == int(self.value) or abs(self.value) >= 100
+        number = f"{self.value:,.0f}" if whole else f"{self.value:,.2f}"
         return f"{number} {self.unit}".rstrip()
 
 
@@ -286,6 +292,21 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first_line(exc)}"
 
 
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE the server sent with this error, or ``None`` (not a server error).
+
+    Looked for on the exception, then on what it wraps, nearest first: a
+    ``DBAPIError``'s ``.orig`` (with the asyncpg dialect, the DBAPI adapter's error,
+    which copies ``sqlstate``) and ``__cause__`` (the asyncpg exception behind it). Not
+    ``__context__``: an error raised while handling a server error is not that error.
+    """
+    for err in linked(exc, contexts=False):
+        state = getattr(err, "sqlstate", None)
+        if isinstance(state, str) and state:
+            return state
+    return None
+
+
 async def outcome(awaitable: Awaitable[Any]) -> str:
     """Await it: ``"ok"``, or :func:`describe` of what it raised."""
     try:
@@ -308,3 +329,51 @@ def first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     line = lines[0] if lines else ""
     return re.sub(r"\s*\(Background on this error at: [^)]*\)", "", line)
+
+
+async def run_python(
+    lab: Lab,
+    code: str,
+    *,
+    within: float,
+    options: Sequence[str] = (),
+    extra_env: Mapping[str, str | None] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python [options] -c code`` in a child process against the lab's database.
+
+    The child gets this process's environment with ``DATABASE_URL`` (password
+    included: it goes into the environment only, never into output) and
+    ``DB_SCHEMA`` set to what the lab uses, so ``Settings.from_env()`` there finds
+    the same server and schema; then ``extra_env`` (a ``None`` value removes the
+    variable). stdout and stderr are captured as text. A child still running
+    after ``within`` seconds, or when the caller is cancelled, is killed;
+    running out of time then raises :class:`subprocess.TimeoutExpired`.
+    """
+    env = dict(os.environ)
+    env["DATABASE_URL"] = lab.db.target.url.render_as_string(hide_password=False)
+    env.pop("DB_SCHEMA", None)
+    if lab.db.settings.schema:
+        env["DB_SCHEMA"] = lab.db.settings.schema
+    for key, value in (extra_env or {}).items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    args = [sys.executable, *options, "-c", code]
+    proc = await asyncio.create_subprocess_exec(
+        *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        async with asyncio.timeout(within):
+            out, err = await proc.communicate()
+    except TimeoutError:
+        raise subprocess.TimeoutExpired(args, within) from None
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    returncode = proc.returncode
+    assert returncode is not None  # communicate() returns once the child has exited
+    return subprocess.CompletedProcess(
+        args, returncode, out.decode(errors="replace"), err.decode(errors="replace")
+    )

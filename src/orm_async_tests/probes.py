@@ -1,13 +1,28 @@
-"""What the server says about our connections: small queries experiments share.
+"""What the server says about our connections, and what a pool says about its own.
 
-Each probe runs on its own short connection from the engine given (usually
-``lab.engine``), so it never disturbs the sessions it observes.
+Each server probe runs on its own short connection from the engine given
+(usually ``lab.engine``), so it never disturbs the sessions it observes; and
+since ``pg_stat_activity`` is a snapshot taken once per transaction, a new
+connection (a new transaction) per call is also what lets repeated calls see
+the server change. :func:`poll` and :class:`Peak` repeat a probe, bounded in time.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.pool import QueuePool
+
+T = TypeVar("T")
+
+SLEEPING = "%pg_sleep%"
+"""``query_like`` of a backend running ``pg_sleep``: how experiments make a query last."""
 
 _BACKENDS = text(
     """
@@ -37,6 +52,11 @@ async def backends(
     return int(found or 0)
 
 
+async def sleepers(engine: AsyncEngine, application_name: str) -> int:
+    """Backends of ``application_name`` that are running a ``pg_sleep`` right now."""
+    return await backends(engine, application_name, state="active", query_like=SLEEPING)
+
+
 async def backend_pids(engine: AsyncEngine, application_name: str) -> list[int]:
     """PIDs of the server processes behind this ``application_name``'s connections."""
     async with engine.connect() as conn:
@@ -48,3 +68,91 @@ async def backend_pids(engine: AsyncEngine, application_name: str) -> list[int]:
             {"app": application_name},
         )
         return list(rows)
+
+
+async def live_pids(engine: AsyncEngine, pids: Sequence[int]) -> list[int]:
+    """Which of these server processes still exist (any ``application_name``)."""
+    async with engine.connect() as conn:
+        found = await conn.scalars(
+            text("SELECT pid FROM pg_stat_activity WHERE pid = ANY(:pids) ORDER BY pid"),
+            {"pids": list(pids)},
+        )
+        return list(found)
+
+
+async def terminate(engine: AsyncEngine, pid: int, *, wait: float) -> bool:
+    """``pg_terminate_backend(pid, timeout)``: True once that process has exited, which
+    the server waits for up to ``wait`` seconds."""
+    async with engine.connect() as conn:
+        done = await conn.scalar(
+            text("SELECT pg_terminate_backend(:pid, :ms)"), {"pid": pid, "ms": int(wait * 1000)}
+        )
+    return bool(done)
+
+
+def queue_pool(engine: AsyncEngine) -> QueuePool:
+    """``engine.pool``, which must be a ``QueuePool`` (the default for an AsyncEngine)."""
+    pool = engine.pool
+    if not isinstance(pool, QueuePool):
+        raise TypeError(f"expected a QueuePool, the engine has {type(pool).__name__}")
+    return pool
+
+
+def checked_out(engine: AsyncEngine) -> int:
+    """Connections of ``engine``'s pool currently handed out (not returned)."""
+    return queue_pool(engine).checkedout()
+
+
+@dataclass(frozen=True)
+class Polled(Generic[T]):
+    """What :func:`poll` ended with."""
+
+    value: T
+    """The last value the probe returned."""
+    held: bool
+    """Whether ``until(value)`` held (else the time was up)."""
+    seconds: float
+    """From the start until that last value was in."""
+
+
+async def poll(
+    probe: Callable[[], Awaitable[T]],
+    until: Callable[[T], bool],
+    *,
+    within: float,
+    every: float = 0.05,
+) -> Polled[T]:
+    """Await ``probe()`` every ``every`` seconds until ``until(value)`` holds or more than
+    ``within`` seconds have passed; the probe runs at least once."""
+    started = time.perf_counter()
+    while True:
+        value = await probe()
+        waited = time.perf_counter() - started
+        held = until(value)
+        if held or waited > within:
+            return Polled(value, held, waited)
+        await asyncio.sleep(every)
+
+
+class Peak:
+    """The highest value ``probe()`` returns, sampled in the background every ``every``
+    seconds from now until :meth:`stop` (or for ``within`` seconds at most)."""
+
+    def __init__(self, probe: Callable[[], Awaitable[int]], *, within: float, every: float) -> None:
+        self.most = 0
+        self._stop = asyncio.Event()
+        self._task = asyncio.create_task(self._sample(probe, within, every))
+
+    async def _sample(
+        self, probe: Callable[[], Awaitable[int]], within: float, every: float
+    ) -> None:
+        deadline = time.perf_counter() + within
+        while not self._stop.is_set() and time.perf_counter() < deadline:
+            self.most = max(self.most, await probe())
+            await asyncio.sleep(every)
+
+    async def stop(self) -> int:
+        """Stop sampling (after the sample in progress) and return the highest value."""
+        self._stop.set()
+        await self._task
+        return self.most

@@ -34,25 +34,22 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy import event, exc, func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
-from sqlalchemy.pool import NullPool, QueuePool
+from sqlalchemy.pool import NullPool
 
 from . import probes
 from .db import connect_args, create_session_factory
-from .harness import Lab, describe, experiment, first_line, outcome
+from .harness import Lab, describe, experiment, first_line, outcome, sqlstate
 from .models import User
-
-T = TypeVar("T")
+from .probes import checked_out, queue_pool
 
 BOUND = 5.0
 """Upper bound (s) of every wait in this module: a hang becomes a failed check."""
-
-SLEEPING = "%pg_sleep%"
 
 
 # ---------------------------------------------------------------- small helpers
@@ -62,47 +59,12 @@ async def backend_pid(session: AsyncSession) -> int:
     return int(await session.scalar(select(func.pg_backend_pid())) or 0)
 
 
-async def sleepers(lab: Lab, app: str) -> int:
-    """Backends of ``app`` that are running a pg_sleep right now."""
-    return await probes.backends(lab.engine, app, state="active", query_like=SLEEPING)
-
-
-async def live_pids(lab: Lab, pids: list[int]) -> list[int]:
-    """Which of these server processes still exist (any application_name)."""
-    async with lab.engine.connect() as conn:
-        found = await conn.scalars(
-            text("SELECT pid FROM pg_stat_activity WHERE pid = ANY(:pids) ORDER BY pid"),
-            {"pids": pids},
-        )
-        return list(found)
-
-
-async def terminate(lab: Lab, pid: int) -> bool:
-    """``pg_terminate_backend`` and wait (bounded) until the process has exited."""
-    async with lab.engine.connect() as conn:
-        done = await conn.scalar(
-            text("SELECT pg_terminate_backend(:pid, :ms)"), {"pid": pid, "ms": int(BOUND * 1000)}
-        )
-    return bool(done)
-
-
-async def poll(
-    probe: Callable[[], Awaitable[T]], done: Callable[[T], bool], within: float = BOUND
-) -> tuple[T, float]:
-    """Call ``probe`` until ``done(value)`` or ``within`` seconds: (last value, seconds)."""
-    started = time.perf_counter()
-    while True:
-        value = await probe()
-        waited = time.perf_counter() - started
-        if done(value) or waited > within:
-            return value, waited
-        await asyncio.sleep(0.02)
-
-
-def pool_of(engine: AsyncEngine) -> QueuePool:
-    pool = engine.pool
-    assert isinstance(pool, QueuePool)
-    return pool
+async def no_sleepers(lab: Lab, app: str) -> tuple[int, float]:
+    """Poll (bounded) until no backend of ``app`` runs pg_sleep: (how many still do, seconds)."""
+    found = await probes.poll(
+        lambda: probes.sleepers(lab.engine, app), lambda n: n == 0, within=BOUND, every=0.02
+    )
+    return found.value, found.seconds
 
 
 @dataclass
@@ -129,18 +91,13 @@ def error_chain(err: BaseException) -> str:
     """``DBAPIError ← asyncpg QueryCanceledError [57014]: message`` (what wraps what)."""
     orig = getattr(err, "orig", None)
     driver = orig.__cause__ if orig is not None else None
-    sqlstate = getattr(orig, "sqlstate", None) or getattr(driver, "sqlstate", None)
+    state = sqlstate(err)
     names = [type(err).__name__]
     if driver is not None:
         names.append(f"{type(driver).__module__.split('.')[0]} {type(driver).__name__}")
     message = first_line(driver if driver is not None else err)
-    state = f" [{sqlstate}]" if sqlstate else ""
-    return f"{' ← '.join(names)}{state}: {message}"
-
-
-def sqlstate_of(err: BaseException) -> str | None:
-    orig = getattr(err, "orig", None)
-    return getattr(orig, "sqlstate", None)
+    shown = f" [{state}]" if state else ""
+    return f"{' ← '.join(names)}{shown}: {message}"
 
 
 async def sql_outcome(awaitable: Awaitable[Any]) -> str:
@@ -180,24 +137,9 @@ async def one_request(sessions: async_sessionmaker[AsyncSession]) -> Attempt:
     return Attempt("ok", pid)
 
 
-class Watcher:
+def watch_sleepers(lab: Lab, app: str) -> probes.Peak:
     """Counts, in the background, how many backends of ``app`` run pg_sleep at once."""
-
-    def __init__(self, lab: Lab, app: str) -> None:
-        self.most = 0
-        self._stop = asyncio.Event()
-        self._task = asyncio.create_task(self._watch(lab, app))
-
-    async def _watch(self, lab: Lab, app: str) -> None:
-        deadline = time.perf_counter() + BOUND
-        while not self._stop.is_set() and time.perf_counter() < deadline:
-            self.most = max(self.most, await sleepers(lab, app))
-            await asyncio.sleep(0.01)
-
-    async def stop(self) -> int:
-        self._stop.set()
-        await self._task
-        return self.most
+    return probes.Peak(lambda: probes.sleepers(lab.engine, app), within=BOUND, every=0.01)
 
 
 @dataclass
@@ -252,7 +194,6 @@ async def cancel_with_asyncio_timeout(
     app = f"{lab.tag}cancel"
     engine = lab.engine_with(application_name=app, pool_size=1, max_overflow=0, pool_pre_ping=False)
     sessions = create_session_factory(engine)
-    pool = pool_of(engine)
     invalidations = Invalidations.on(engine)
     ledger.committed += await commit_users(sessions, ledger.names("before-cancel"))
 
@@ -262,7 +203,7 @@ async def cancel_with_asyncio_timeout(
         ledger.interrupted += cancelled_rows
         session.add_all(User(username=name) for name in cancelled_rows)
         await session.flush()
-        watcher = Watcher(lab, app)
+        watcher = watch_sleepers(lab, app)
         started = time.perf_counter()
         try:
             async with asyncio.timeout(cancel_after):
@@ -273,15 +214,15 @@ async def cancel_with_asyncio_timeout(
         finally:
             seen_sleeping = await watcher.stop()
         lab.figure("asyncio.timeout: TimeoutError after", time.perf_counter() - started, "s")
-        out_while_open = pool.checkedout()
+        out_while_open = checked_out(engine)
         still_in_transaction = session.in_transaction()
         reuse = await outcome(session.execute(select(1)))
         await session.rollback()
         pid_after_rollback = await backend_pid(session)
 
-    remaining, seconds = await poll(lambda: sleepers(lab, app), lambda n: n == 0)
+    remaining, seconds = await no_sleepers(lab, app)
     lab.figure("asyncio.timeout: pg_sleep gone from pg_stat_activity after", seconds, "s")
-    old_alive = await live_pids(lab, [pid])
+    old_alive = await probes.live_pids(lab.engine, [pid])
     after = await one_request(sessions)
 
     lab.check(
@@ -329,8 +270,8 @@ async def cancel_with_asyncio_timeout(
         "(on a fresh backend) and nothing is left checked out.",
         expected="ok on a new backend; 0 checked out",
         observed=f"{after.result} on {'a new' if after.pid != pid else 'the same'} backend; "
-        f"{pool.checkedout()} checked out",
-        passed=after.result == "ok" and after.pid != pid and pool.checkedout() == 0,
+        f"{checked_out(engine)} checked out",
+        passed=after.result == "ok" and after.pid != pid and checked_out(engine) == 0,
     )
 
 
@@ -348,7 +289,7 @@ async def cancel_in_asyncpg_alone(lab: Lab, cancel_after: float, long_sleep: flo
             raised = "no error"
         except TimeoutError as err:
             raised = describe(err).rstrip(": ")
-        remaining, seconds = await poll(lambda: sleepers(lab, app), lambda n: n == 0)
+        remaining, seconds = await no_sleepers(lab, app)
         async with asyncio.timeout(BOUND):
             pid_after = int(await driver.fetchval("SELECT pg_backend_pid()"))
         closed = bool(driver.is_closed())
@@ -397,8 +338,8 @@ async def asyncpg_command_timeout(
             raised = describe(err).rstrip(": ")
             wrapped = isinstance(err, exc.SQLAlchemyError)
         await session.rollback()
-    remaining, _ = await poll(lambda: sleepers(lab, app), lambda n: n == 0)
-    old_alive = await live_pids(lab, [pid])
+    remaining, _ = await no_sleepers(lab, app)
+    old_alive = await probes.live_pids(lab.engine, [pid])
     after = await one_request(sessions)
     lab.check(
         "command_timeout: a bare TimeoutError, and the connection is invalidated",
@@ -437,7 +378,6 @@ async def server_statement_timeout(
         pool_pre_ping=False,
     )
     sessions = create_session_factory(engine)
-    pool = pool_of(engine)
     invalidations = Invalidations.on(engine)
     ledger.committed += await commit_users(sessions, ledger.names("before-statement-timeout"))
 
@@ -484,7 +424,7 @@ async def server_statement_timeout(
         observed=f"SHOW: {shown}; {raised}",
         passed=shown == f"{timeout_ms}ms"
         and error is not None
-        and sqlstate_of(error) == "57014"
+        and sqlstate(error) == "57014"
         and "QueryCanceledError" in raised
         and "statement timeout" in raised,
     )
@@ -500,13 +440,13 @@ async def server_statement_timeout(
         f" invalidated (pool events: {invalidations}); next statement: "
         f"{next_in_transaction}; "
         f"{'same' if pid_after == pid else 'another'} backend after; "
-        f"{pool.checkedout()} checked out",
+        f"{checked_out(engine)} checked out",
         passed=error is not None
         and not error.connection_invalidated
         and not invalidations.seen
         and "[25P02]" in next_in_transaction
         and pid_after == pid
-        and pool.checkedout() == 0,
+        and checked_out(engine) == 0,
     )
     lab.check(
         "statement_timeout: SET LOCAL lifts the default for one transaction",
@@ -539,7 +479,7 @@ async def set_local_statement_timeout(
                 await session.execute(select(func.pg_sleep(slow)))
             first = "no error"
         except exc.DBAPIError as err:
-            first = sqlstate_of(err) or error_chain(err)
+            first = sqlstate(err) or error_chain(err)
         except TimeoutError:
             first = f"no server error within {BOUND:.0f} s"
         await session.rollback()
@@ -597,20 +537,19 @@ async def terminate_pooled(lab: Lab, ledger: Ledger, *, pre_ping: bool) -> Kille
         pool_pre_ping=pre_ping,
     )
     sessions = create_session_factory(engine)
-    pool = pool_of(engine)
     invalidations = Invalidations.on(engine)
     ledger.committed += await commit_users(sessions, ledger.names(f"before-kill-{variant}"))
     async with sessions() as first, sessions() as second:  # both connections at once
         await backend_pid(first)
         await backend_pid(second)
-    pooled = pool.checkedin()
+    pooled = queue_pool(engine).checkedin()
     server_pids = await probes.backend_pids(lab.engine, app)
-    terminated = [await terminate(lab, pid) for pid in server_pids]
-    survivors = await live_pids(lab, server_pids)
+    terminated = [await probes.terminate(lab.engine, pid, wait=BOUND) for pid in server_pids]
+    survivors = await probes.live_pids(lab.engine, server_pids)
     attempts = [await one_request(sessions) for _ in range(3)]
     ledger.committed += await commit_users(sessions, ledger.names(f"after-kill-{variant}"))
     return Killed(
-        pooled, server_pids, terminated, survivors, attempts, invalidations, pool.checkedout()
+        pooled, server_pids, terminated, survivors, attempts, invalidations, checked_out(engine)
     )
 
 
@@ -676,14 +615,13 @@ async def killed_mid_transaction(lab: Lab, ledger: Ledger) -> None:
     app = f"{lab.tag}kill-midway"
     engine = lab.engine_with(application_name=app, pool_size=1, max_overflow=0)
     sessions = create_session_factory(engine)
-    pool = pool_of(engine)
     async with sessions() as session:
         pid = await backend_pid(session)
         midway = ledger.names("killed-mid-way")
         ledger.interrupted += midway
         session.add_all(User(username=name) for name in midway)
         await session.flush()
-        killed = await terminate(lab, pid)
+        killed = await probes.terminate(lab.engine, pid, wait=BOUND)
         commit = "no error"
         invalidated: bool | None = None
         try:
@@ -703,12 +641,12 @@ async def killed_mid_transaction(lab: Lab, ledger: Ledger) -> None:
         expected="killed; commit: InterfaceError, invalidated; next: ok",
         observed=f"{'killed' if killed else 'not killed'}; commit: {commit}, "
         f"{'invalidated' if invalidated else 'not invalidated'}; next: {after.result}; "
-        f"{pool.checkedout()} checked out",
+        f"{checked_out(engine)} checked out",
         passed=killed
         and commit.startswith("InterfaceError")
         and invalidated is True
         and after.result == "ok"
-        and pool.checkedout() == 0,
+        and checked_out(engine) == 0,
     )
 
 

@@ -71,7 +71,7 @@ from sqlalchemy.orm.attributes import flag_modified
 from sqlalchemy.pool import NullPool
 
 from .db import Target, connect_args, create_engine
-from .harness import Lab, describe, experiment
+from .harness import Lab, describe, experiment, sqlstate
 from .models import User, UserStatus
 
 
@@ -252,11 +252,11 @@ async def set_status(
         with lab.statements() as sent:
             try:
                 await session.execute(statement, params)
-                outcome, sqlstate = "accepted", None
+                outcome, state = "accepted", None
             except StatementError as err:
-                outcome, sqlstate = describe(err), getattr(err.orig, "sqlstate", None)
+                outcome, state = describe(err), sqlstate(err)
         await session.rollback()
-    return Attempt(outcome, sqlstate, len(sent))
+    return Attempt(outcome, state, len(sent))
 
 
 # -- JSONB ------------------------------------------------------------------------------

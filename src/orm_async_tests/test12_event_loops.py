@@ -23,15 +23,10 @@ different loop" with pytest-asyncio (issues #6409, #8145 and their duplicates).
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import logging
-import os
 import re
-import subprocess
-import sys
 import threading
-import warnings
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -41,8 +36,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
+from .capture import captured
 from .db import open_database
-from .harness import Lab, describe, experiment
+from .harness import Lab, describe, experiment, run_python
 from .models import User
 
 
@@ -71,31 +67,16 @@ def in_thread_loop(work: Callable[[], Coroutine[Any, Any, Any]]) -> str:
     return box[0] if box else "no answer within 30 s"
 
 
-class Noise(logging.Handler):
-    """Counts what SQLAlchemy logs at ERROR (e.g. "Exception terminating connection")."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.records: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record.getMessage().split("\n")[0])
-
-
 def scenario(name: str, steps: Callable[[], list[str]]) -> dict[str, Any]:
-    noise = Noise()
-    logger = logging.getLogger("sqlalchemy")
-    logger.addHandler(noise)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    """Run one case; with what SQLAlchemy logged at ERROR (e.g. "Exception terminating
+    connection") and what was warned, garbage collection included."""
+    with captured("sqlalchemy", logging.ERROR) as noise:
         results = steps()
-        gc.collect()
-    logger.removeHandler(noise)
     return {
         "case": name,
         "results": results,
-        "logged_errors": noise.records,
-        "warnings": [f"{w.category.__name__}: {w.message}" for w in caught],
+        "logged_errors": [message.split("\n")[0] for message in noise.logged],
+        "warnings": noise.warning_lines(),
     }
 
 
@@ -159,21 +140,8 @@ def child(names: list[str]) -> None:
 
 async def run_child(lab: Lab, names: list[str], limit_seconds: float) -> dict[str, dict[str, Any]]:
     """Run ``names`` in a child process; a case that did not report says how the child ended."""
-    env = dict(os.environ)
-    env["DATABASE_URL"] = lab.db.target.url.render_as_string(hide_password=False)
-    env.pop("DB_SCHEMA", None)
-    if lab.db.settings.schema:
-        env["DB_SCHEMA"] = lab.db.settings.schema
     code = f"from {__name__} import child; child({names!r})"
-    done = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-c", code],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=limit_seconds,
-        check=False,
-    )
+    done = await run_python(lab, code, within=limit_seconds)
     cases: dict[str, dict[str, Any]] = {}
     for line in done.stdout.splitlines():
         if line.startswith("{"):

@@ -26,10 +26,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import os
 import re
-import subprocess
-import sys
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -42,7 +39,7 @@ from sqlalchemy.pool import NullPool, Pool
 
 from .db import Target, connect_args, create_engine
 from .errors import explain
-from .harness import Lab, describe, experiment
+from .harness import Lab, describe, experiment, run_python
 from .settings import Settings
 
 PLUS_ONE = select(bindparam("x", type_=Integer) + literal_column("1"))
@@ -149,21 +146,12 @@ async def in_child_process(
 ) -> list[str]:
     """Run one case in a new Python process (its own asyncpg statement counter)."""
     assert lab.db.settings.pgbouncer_url is not None
-    env = dict(os.environ)
-    env["PGBOUNCER_URL"] = lab.db.settings.pgbouncer_url.render_as_string(hide_password=False)
+    bouncer = lab.db.settings.pgbouncer_url.render_as_string(hide_password=False)
     code = (
         f"from {__name__} import child; "
         f"child({config.label!r}, {tasks}, {rounds}, {pool_size}, {lab.tag!r})"
     )
-    done = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-c", code],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = await run_python(lab, code, within=120, extra_env={"PGBOUNCER_URL": bouncer})
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]

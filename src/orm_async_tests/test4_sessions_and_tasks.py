@@ -40,12 +40,7 @@ Sources:
 from __future__ import annotations
 
 import asyncio
-import gc
-import logging
 import time
-import warnings
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,25 +51,15 @@ from sqlalchemy.ext.asyncio import (
     async_scoped_session,
     async_sessionmaker,
 )
-from sqlalchemy.pool import QueuePool
 
 from . import probes
+from .capture import Captured, captured
 from .db import create_session_factory
 from .harness import Lab, describe, experiment, outcome
+from .probes import checked_out
 
 POOL_TIMEOUT = 0.5  # seconds a checkout waits on the misuse engines: bounds "next use"
 WAIT_BOUND = 10.0  # upper bound for any wait on the server or on a task
-
-
-def _queue_pool(engine: AsyncEngine) -> QueuePool:
-    pool = engine.pool
-    assert isinstance(pool, QueuePool), type(pool)
-    return pool
-
-
-def checked_out(engine: AsyncEngine) -> int:
-    """Connections of ``engine``'s pool currently handed out (not returned)."""
-    return _queue_pool(engine).checkedout()
 
 
 def sleep_query(seconds: float) -> Any:
@@ -92,32 +77,17 @@ async def one_transaction(sessions: async_sessionmaker[AsyncSession]) -> None:
         await session.execute(select(1))
 
 
-async def wait_until(test: Callable[[], Awaitable[bool]], bound: float = WAIT_BOUND) -> bool:
-    """Poll ``test`` until it holds or ``bound`` seconds have passed."""
-    deadline = time.perf_counter() + bound
-    while time.perf_counter() < deadline:
-        if await test():
-            return True
-        await asyncio.sleep(0.005)
-    return False
+async def sleeping_on_server(lab: Lab, app: str) -> bool:
+    """Wait (bounded) until one of ``app``'s backends runs pg_sleep; False if none did."""
+    found = await probes.poll(
+        lambda: probes.sleepers(lab.engine, app), lambda n: n > 0, within=WAIT_BOUND, every=0.005
+    )
+    return found.held
 
 
-def sleeping_on_server(lab: Lab, app: str) -> Callable[[], Awaitable[bool]]:
-    async def test() -> bool:
-        return await probes.backends(lab.engine, app, state="active", query_like="%pg_sleep%") > 0
-
-    return test
-
-
-async def peak_sleepers(lab: Lab, app: str, stop: asyncio.Event) -> int:
-    """Sample how many of ``app``'s backends run pg_sleep at the same moment, until ``stop``."""
-    peak = 0
-    deadline = time.perf_counter() + WAIT_BOUND
-    while not stop.is_set() and time.perf_counter() < deadline:
-        now = await probes.backends(lab.engine, app, state="active", query_like="%pg_sleep%")
-        peak = max(peak, now)
-        await asyncio.sleep(0.005)
-    return peak
+def peak_sleepers(lab: Lab, app: str) -> probes.Peak:
+    """Sample how many of ``app``'s backends run pg_sleep at the same moment, until stopped."""
+    return probes.Peak(lambda: probes.sleepers(lab.engine, app), within=WAIT_BOUND, every=0.005)
 
 
 def misuse_engine(lab: Lab, name: str, pool_size: int = 1) -> tuple[AsyncEngine, str]:
@@ -127,46 +97,6 @@ def misuse_engine(lab: Lab, name: str, pool_size: int = 1) -> tuple[AsyncEngine,
         pool_size=pool_size, max_overflow=0, pool_timeout=POOL_TIMEOUT, application_name=app
     )
     return engine, app
-
-
-@dataclass
-class Captured:
-    warnings: list[str] = field(default_factory=list)
-    pool_log: list[str] = field(default_factory=list)
-
-
-class _Recorder(logging.Handler):
-    def __init__(self, box: list[str]) -> None:
-        super().__init__(logging.DEBUG)
-        self.box = box
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.levelno >= logging.WARNING:
-            self.box.append(record.getMessage())
-
-
-@contextmanager
-def garbage_collected() -> Iterator[Captured]:
-    """Capture what the pool says when a leaked connection is garbage collected.
-
-    The pool both warns (``SAWarning``, an error under pytest) and logs at
-    ERROR level; both are recorded here, and ``gc.collect()`` runs inside the
-    block so that nothing is collected (and reported) later elsewhere.
-    """
-    box = Captured()
-    handler = _Recorder(box.pool_log)
-    pool_logger = logging.getLogger("sqlalchemy.pool")
-    pool_logger.addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                yield box
-            finally:
-                gc.collect()
-        box.warnings = [f"{w.category.__name__}: {str(w.message).split(' <')[0]}" for w in caught]
-    finally:
-        pool_logger.removeHandler(handler)
 
 
 @experiment(4, "Sessions and tasks")
@@ -205,19 +135,17 @@ async def shared_session_reads(lab: Lab, tasks: int, sleep: float) -> None:
         # room for `tasks` connections: if the session could fan out, it would
         engine, app = misuse_engine(lab, f"reads-{variant}", pool_size=tasks)
         sessions = create_session_factory(engine)
-        stop = asyncio.Event()
         async with sessions() as session:
             if variant == "holding":
                 await session.execute(select(1))
-            sampler = asyncio.create_task(peak_sleepers(lab, app, stop))
+            sampler = peak_sleepers(lab, app)
             started = time.perf_counter()
             async with asyncio.timeout(WAIT_BOUND):
                 results = await asyncio.gather(
                     *(sleep_in(session, sleep) for _ in range(tasks)), return_exceptions=True
                 )
             wall = time.perf_counter() - started
-            stop.set()
-            peak = await sampler
+            peak = await sampler.stop()
         found[variant] = SharedReads(
             ["ok" if isinstance(r, int) else describe(r) for r in results],
             {r for r in results if isinstance(r, int)},
@@ -292,7 +220,7 @@ class Race:
 
 
 async def fail_when_sleeping(lab: Lab, app: str) -> None:
-    await wait_until(sleeping_on_server(lab, app))
+    await sleeping_on_server(lab, app)
     raise RuntimeError("another task failed")
 
 
@@ -307,7 +235,7 @@ async def race(lab: Lab, engine: AsyncEngine, app: str, variant: str, sleep: flo
             if variant == "connecting":
                 await asyncio.sleep(0)  # the task has started to check out a connection
             elif variant == "query":
-                await wait_until(sleeping_on_server(lab, app))
+                await sleeping_on_server(lab, app)
             elif variant == "gather":
                 await asyncio.gather(job, fail_when_sleeping(lab, app))
             else:  # "gather, return_exceptions"
@@ -339,13 +267,13 @@ async def close_races(lab: Lab, sleep: float) -> None:
     found: dict[str, Race] = {}
     for variant in ("connecting", "query", "gather", "gather, return_exceptions"):
         engine, app = misuse_engine(lab, f"race-{len(found)}")
-        with garbage_collected() as collected:
+        with captured() as collected:
             result = await race(lab, engine, app, variant, sleep)
         result.collected = collected
         result.checked_out_after_gc = checked_out(engine)
         if result.checked_out_after_second_close:  # leaked until collected
             # a terminated backend leaves pg_stat_activity a moment later
-            result.backend_gone = await wait_until(_gone(lab, app, result.pid), bound=2.0)
+            result.backend_gone = await backend_gone(lab, app, result.pid, within=2.0)
         result.next_use_after_gc = await outcome(one_transaction(create_session_factory(engine)))
         found[variant] = result
         await engine.dispose()
@@ -429,14 +357,14 @@ async def close_races(lab: Lab, sleep: float) -> None:
         expected="per leak: SAWarning 'The garbage collector is trying to clean up "
         "non-checked-in connection ...'; then 0 checked out, its backend gone: True, next use ok",
         observed=" | ".join(
-            f"{'; '.join(r.collected.warnings) or 'no warning'}; "
-            f"pool log: {len(r.collected.pool_log)} error(s); "
+            f"{'; '.join(r.collected.warning_lines(' <')) or 'no warning'}; "
+            f"pool log: {len(r.collected.logged)} error(s); "
             f"{r.checked_out_after_gc} checked out, its backend gone: {r.backend_gone}, "
             f"next use {r.next_use_after_gc}"
             for r in leaked
         ),
         passed=all(
-            any("non-checked-in connection" in w for w in r.collected.warnings)
+            any("non-checked-in connection" in w for w in r.collected.warning_lines(" <"))
             and r.checked_out_after_gc == 0
             and r.pid != 0
             and r.backend_gone
@@ -454,20 +382,24 @@ async def close_races(lab: Lab, sleep: float) -> None:
         "no warning",
         observed=f"block: {fixed.block}; results: {fixed.gathered}; "
         f"{fixed.checked_out_after_task} checked out; next use: {fixed.next_use}; "
-        f"{'; '.join(fixed.collected.warnings) or 'no warning'}",
+        f"{'; '.join(fixed.collected.warning_lines(' <')) or 'no warning'}",
         passed=fixed.block == "no error"
         and fixed.gathered.startswith("ok, RuntimeError")
         and fixed.checked_out_after_task == 0
         and fixed.next_use == "ok"
-        and not fixed.collected.warnings,
+        and not fixed.collected.caught,
     )
 
 
-def _gone(lab: Lab, app: str, pid: int) -> Callable[[], Awaitable[bool]]:
-    async def test() -> bool:
-        return pid not in await probes.backend_pids(lab.engine, app)
-
-    return test
+async def backend_gone(lab: Lab, app: str, pid: int, *, within: float) -> bool:
+    """Wait (bounded) until backend ``pid`` is no longer among ``app``'s connections."""
+    found = await probes.poll(
+        lambda: probes.backend_pids(lab.engine, app),
+        lambda pids: pid not in pids,
+        within=within,
+        every=0.005,
+    )
+    return found.held
 
 
 # --- one session per task -----------------------------------------------------------------
@@ -494,16 +426,14 @@ async def session_per_task(lab: Lab, tasks: int, sleep: float) -> None:
             await ready.wait()  # so that all the sleeps are sent together
             return await sleep_in(session, sleep)
 
-    stop = asyncio.Event()
-    sampler = asyncio.create_task(peak_sleepers(lab, app, stop))
+    sampler = peak_sleepers(lab, app)
     started = time.perf_counter()
     async with asyncio.timeout(WAIT_BOUND):
         results = await asyncio.gather(
             *(own_session() for _ in range(tasks)), return_exceptions=True
         )
     parallel = time.perf_counter() - started
-    stop.set()
-    peak = await sampler
+    peak = await sampler.stop()
 
     started = time.perf_counter()
     async with sessions() as session, asyncio.timeout(WAIT_BOUND):

@@ -37,22 +37,19 @@ import asyncio
 import contextlib
 import gc
 import logging
-import os
 import re
-import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 
 from sqlalchemy import exc, text
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.pool import QueuePool
 
 from . import probes
+from .capture import captured
 from .db import create_session_factory
-from .harness import Lab, describe, experiment, first_line
+from .harness import Lab, describe, experiment, first_line, run_python
+from .probes import checked_out, queue_pool
 
-SLEEPING = "%pg_sleep%"
 GC_WARNING = "The garbage collector is trying to clean up non-checked-in connection"
 
 # The child process of the "engine never disposed" case: it builds an engine the
@@ -79,13 +76,6 @@ async def main():
 
 asyncio.run(main())
 """
-
-
-def queue_pool(engine: AsyncEngine) -> QueuePool:
-    pool = engine.pool
-    if not isinstance(pool, QueuePool):
-        raise TypeError(f"expected a QueuePool, the engine has {type(pool).__name__}")
-    return pool
 
 
 @dataclass
@@ -118,7 +108,6 @@ async def run_load(
     pg_sleep) through ``lab.engine`` every 50 ms while the load runs.
     """
     sessions = create_session_factory(engine)
-    pool = queue_pool(engine)
     load = Load()
     stop = asyncio.Event()
 
@@ -145,10 +134,10 @@ async def run_load(
     async def sample() -> None:
         while True:
             total = await probes.backends(lab.engine, app)
-            sleeping = await probes.backends(lab.engine, app, state="active", query_like=SLEEPING)
+            sleeping = await probes.sleepers(lab.engine, app)
             load.peak_backends = max(load.peak_backends, total)
             load.peak_sleeping = max(load.peak_sleeping, sleeping)
-            load.peak_checked_out = max(load.peak_checked_out, pool.checkedout())
+            load.peak_checked_out = max(load.peak_checked_out, checked_out(engine))
             load.samples += 1
             if stop.is_set():
                 return
@@ -169,12 +158,10 @@ async def run_load(
 
 async def settle(lab: Lab, app: str, want: int, within: float = 5.0) -> int:
     """Poll the server's count of ``app`` connections until it is ``want`` (bounded)."""
-    deadline = time.perf_counter() + within
-    while True:
-        found = await probes.backends(lab.engine, app)
-        if found == want or time.perf_counter() > deadline:
-            return found
-        await asyncio.sleep(0.05)
+    found = await probes.poll(
+        lambda: probes.backends(lab.engine, app), lambda n: n == want, within=within, every=0.05
+    )
+    return found.value
 
 
 @experiment(5, "Pool sizing and exhaustion")
@@ -292,7 +279,7 @@ async def exhaust_and_bound(
         expected="exhausted engine: 0 checked out; bounded engine: 0 checked out",
         observed=f"exhausted engine: {queue_pool(exhausted).status()}; "
         f"bounded engine: {queue_pool(bounded).status()}",
-        passed=queue_pool(exhausted).checkedout() == 0 and queue_pool(bounded).checkedout() == 0,
+        passed=checked_out(exhausted) == 0 and checked_out(bounded) == 0,
     )
     kept = await settle(lab, exhausted_app, pool_size)
     await exhausted.dispose()
@@ -311,15 +298,6 @@ async def exhaust_and_bound(
         lab.figure("mean wait before TimeoutError", sum(flood.waited) / len(flood.waited), "s")
     lab.figure("bounded load, wall time", gated.seconds, "s")
     lab.figure("pg_stat_activity samples (both loads)", flood.samples + gated.samples, "samples")
-
-
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
 
 
 async def leak_a_session(engine: AsyncEngine) -> tuple[int, str]:
@@ -342,27 +320,22 @@ async def never_closed(lab: Lab, *, pool_timeout: float) -> None:
     engine = lab.engine_with(
         application_name=app, pool_size=1, max_overflow=0, pool_timeout=pool_timeout
     )
-    pool = queue_pool(engine)
-    handler = _Records()
-    pool_logger = logging.getLogger("sqlalchemy.pool")
-    pool_logger.addHandler(handler)
     was_enabled = gc.isenabled()
-    gc.collect()  # garbage from before is not ours: collected outside the catch below
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    gc.collect()  # garbage from before is not ours: collected outside the capture below
+    with captured(level=logging.DEBUG, collect=False) as got:
+        caught = got.caught
         gc.disable()  # from here on, only our gc.collect() collects
         try:
             pid, raw = await leak_a_session(engine)
             ours_before = [w for w in caught if raw in str(w.message)]
-            held_before = pool.checkedout()
+            held_before = checked_out(engine)
             server_before = await probes.backends(lab.engine, app)
             gc.collect()
             ours = [w for w in caught if raw in str(w.message)]
-            held_after = pool.checkedout()
+            held_after = checked_out(engine)
         finally:
             if was_enabled:
                 gc.enable()
-            pool_logger.removeHandler(handler)
     others = [w for w in caught if raw not in str(w.message)]
     if others:
         lab.note(
@@ -387,7 +360,7 @@ async def never_closed(lab: Lab, *, pool_timeout: float) -> None:
     shown = [f"{w.category.__name__}: {masked(str(w.message))}" for w in ours]
     logged = [
         f"{r.levelname} on {r.name}"
-        for r in handler.records
+        for r in got.records
         if raw in r.getMessage() and GC_WARNING in r.getMessage()
     ]
     lab.check(
@@ -456,43 +429,24 @@ class Child:
 
 
 async def run_child(lab: Lab, variant: str, app: str, *, leak_session: bool) -> Child:
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in ("PYTHONWARNINGS", "PYTHONDEVMODE", "PYTHONASYNCIODEBUG", "EMBEDDED_PGDATA")
+    env: dict[str, str | None] = {
+        key: None  # Python's and the embedded server's knobs: the child runs on plain defaults
+        for key in ("PYTHONWARNINGS", "PYTHONDEVMODE", "PYTHONASYNCIODEBUG", "EMBEDDED_PGDATA")
     }
-    env["DATABASE_URL"] = lab.db.target.url.render_as_string(hide_password=False)
-    env.pop("DB_SCHEMA", None)
-    if lab.db.settings.schema:
-        env["DB_SCHEMA"] = lab.db.settings.schema
     env["OAT_CHILD_APP"] = app
     if leak_session:
         env["OAT_CHILD_LEAK_SESSION"] = "1"
     started = time.perf_counter()
     # -W default::ResourceWarning shows what Python's default filters would hide
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-W",
-        "default::ResourceWarning",
-        "-c",
-        CHILD,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    done = await run_python(
+        lab, CHILD, within=60, options=("-W", "default::ResourceWarning"), extra_env=env
     )
-    try:
-        async with asyncio.timeout(60):
-            out, err = await proc.communicate()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    printed = out.decode().split()
+    printed = done.stdout.split()
     child = Child(
         variant,
-        proc.returncode,
+        done.returncode,
         int(printed[0]) if printed and printed[0].isdigit() else None,
-        err.decode(errors="replace"),
+        done.stderr,
         time.perf_counter() - started,
     )
     child.server_after = await settle(lab, app, 0)

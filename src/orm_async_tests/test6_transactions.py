@@ -57,7 +57,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from .db import create_session_factory
-from .harness import Lab, describe, experiment, first_line, outcome
+from .harness import Lab, describe, experiment, first_line, outcome, sqlstate
 from .models import User, UserStatus
 
 SERIALIZATION_FAILURE = "40001"
@@ -70,11 +70,6 @@ T = TypeVar("T")
 
 class Abort(Exception):
     """Raised on purpose inside ``sessions.begin()`` to see the block roll back."""
-
-
-def sqlstate(exc: BaseException) -> str | None:
-    """The SQLSTATE the server sent: ``DBAPIError.orig.sqlstate`` (asyncpg dialect)."""
-    return getattr(getattr(exc, "orig", None), "sqlstate", None)
 
 
 def server_error(exc: BaseException | None) -> str:
