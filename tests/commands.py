@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,15 +30,9 @@ def run_command(
 
     ``env`` entries override the current environment; ``None`` removes a variable.
     """
-    full = dict(os.environ)
-    for key, value in (env or {}).items():
-        if value is None:
-            full.pop(key, None)
-        else:
-            full[key] = value
     done = subprocess.run(
         [str(SCRIPTS / command), *args],
-        env=full,
+        env=environment(env),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -45,3 +40,14 @@ def run_command(
         check=False,
     )
     return Ran(done.returncode, done.stdout, done.stderr)
+
+
+def environment(overrides: Mapping[str, str | None] | None = None) -> dict[str, str]:
+    """This process's environment with ``overrides``; ``None`` removes a variable."""
+    full = dict(os.environ)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            full.pop(key, None)
+        else:
+            full[key] = value
+    return full

@@ -88,6 +88,8 @@ def test_environment_is_read() -> None:
         ("DB_PRE_PING", "maybe"),
         ("DB_DRIVER", "psycopg2"),
         ("DB_SCHEMA", "x; drop table users"),
+        ("API_PORT", "70000"),
+        ("API_PORT", "http"),
     ],
 )
 def test_bad_settings_name_the_variable(name: str, value: str) -> None:

@@ -26,7 +26,7 @@ connect timeout (``DB_CONNECT_TIMEOUT``, 5 s)
 ``search_path`` (``DB_SCHEMA``, unset)
     Put first on every connection's search path through the driver's connect
     arguments (not a ``SET`` statement, which a pool reset would roll back).
-``application_name`` (``orm-async-tests``)
+``application_name`` (``DB_APPLICATION_NAME``, ``orm-async-tests``)
     Shown in ``pg_stat_activity``; experiments pass their own name to count
     their connections on the server.
 
@@ -64,8 +64,6 @@ from sqlalchemy.pool import NullPool, Pool
 from .embedded import EmbeddedServer, ensure_server
 from .settings import Settings, redacted, with_driver
 
-APPLICATION_NAME = "orm-async-tests"
-
 
 @dataclass(frozen=True)
 class Target:
@@ -88,8 +86,10 @@ def resolve_target(settings: Settings, *, throwaway_embedded: bool = False) -> T
     return Target(server.url(settings.driver), server)
 
 
-def connect_args(settings: Settings, *, application_name: str = APPLICATION_NAME) -> dict[str, Any]:
-    """Driver-specific connect arguments for timeout, search_path and application_name."""
+def connect_args(settings: Settings, *, application_name: str | None = None) -> dict[str, Any]:
+    """Driver-specific connect arguments for timeout, search_path and application_name
+    (``settings.application_name`` unless given)."""
+    application_name = application_name or settings.application_name
     if settings.driver == "psycopg":
         options = f"-c search_path={settings.schema}" if settings.schema else ""
         args: dict[str, Any] = {
@@ -110,7 +110,7 @@ def create_engine(
     target: Target,
     *,
     poolclass: type[Pool] | None = None,
-    application_name: str = APPLICATION_NAME,
+    application_name: str | None = None,
     **overrides: Any,
 ) -> AsyncEngine:
     """An ``AsyncEngine`` for ``target`` with the options documented above.
@@ -188,7 +188,7 @@ def open_database(
     *,
     target: Target | None = None,
     poolclass: type[Pool] | None = None,
-    application_name: str = APPLICATION_NAME,
+    application_name: str | None = None,
     session_options: Mapping[str, Any] | None = None,
     **engine_overrides: Any,
 ) -> Database:

@@ -8,6 +8,7 @@ names the problem and what to do; the password never appears in it.
 
 from __future__ import annotations
 
+import re
 import socket
 from collections.abc import Iterator
 
@@ -126,3 +127,25 @@ def _where(target: Target | None) -> str:
 
 def _user(target: Target | None) -> str:
     return (target.url.username or "?") if target is not None else "?"
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE the server sent with this error, or ``None`` (not a server error).
+
+    Looked for on the exception, then on what it wraps, nearest first: a
+    ``DBAPIError``'s ``.orig`` (with the asyncpg dialect, the DBAPI adapter's error,
+    which copies ``sqlstate``) and ``__cause__`` (the asyncpg exception behind it). Not
+    ``__context__``: an error raised while handling a server error is not that error.
+    """
+    for err in linked(exc, contexts=False):
+        state = getattr(err, "sqlstate", None)
+        if isinstance(state, str) and state:
+            return state
+    return None
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message without SQLAlchemy's SQL echo and background link."""
+    lines = str(exc).strip().splitlines()
+    line = lines[0] if lines else ""
+    return re.sub(r"\s*\(Background on this error at: [^)]*\)", "", line)

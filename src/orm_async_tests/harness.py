@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
-import re
 import secrets
 import subprocess
 import sys
@@ -41,7 +40,8 @@ from sqlalchemy import delete, event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from .db import Database, create_engine
-from .errors import linked
+from .errors import first_line as first_line  # re-exported: the experiments' toolbox
+from .errors import sqlstate as sqlstate
 from .models import Group, Job, User
 
 Body = Callable[..., Awaitable[None]]
@@ -292,21 +292,6 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first_line(exc)}"
 
 
-def sqlstate(exc: BaseException) -> str | None:
-    """The SQLSTATE the server sent with this error, or ``None`` (not a server error).
-
-    Looked for on the exception, then on what it wraps, nearest first: a
-    ``DBAPIError``'s ``.orig`` (with the asyncpg dialect, the DBAPI adapter's error,
-    which copies ``sqlstate``) and ``__cause__`` (the asyncpg exception behind it). Not
-    ``__context__``: an error raised while handling a server error is not that error.
-    """
-    for err in linked(exc, contexts=False):
-        state = getattr(err, "sqlstate", None)
-        if isinstance(state, str) and state:
-            return state
-    return None
-
-
 async def outcome(awaitable: Awaitable[Any]) -> str:
     """Await it: ``"ok"``, or :func:`describe` of what it raised."""
     try:
@@ -322,13 +307,6 @@ def _text(value: Any) -> str:
     if isinstance(value, BaseException):
         return describe(value)
     return str(value)
-
-
-def first_line(exc: BaseException) -> str:
-    """An exception's message without SQLAlchemy's SQL echo and background link."""
-    lines = str(exc).strip().splitlines()
-    line = lines[0] if lines else ""
-    return re.sub(r"\s*\(Background on this error at: [^)]*\)", "", line)
 
 
 async def run_python(

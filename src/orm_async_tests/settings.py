@@ -47,6 +47,12 @@ class Settings:
     """``None``: the documented default (see :func:`embedded.default_data_dir`)."""
     pgbouncer_url: URL | None = None
     """A PgBouncer in transaction pooling mode (``PGBOUNCER_URL``), for experiment 13."""
+    application_name: str = "orm-async-tests"
+    """Shown in ``pg_stat_activity`` for this process's connections (``DB_APPLICATION_NAME``)."""
+    api_host: str = "127.0.0.1"
+    """Where ``poetry run api`` listens (``API_HOST``; ``0.0.0.0`` in the container)."""
+    api_port: int = 8000
+    """``API_PORT``."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -82,6 +88,9 @@ class Settings:
             schema=schema,
             embedded_data_dir=Path(data_dir).expanduser() if data_dir else None,
             pgbouncer_url=bouncer,
+            application_name=env.get("DB_APPLICATION_NAME", "").strip() or "orm-async-tests",
+            api_host=env.get("API_HOST", "").strip() or "127.0.0.1",
+            api_port=_port(env, "API_PORT", 8000),
         )
 
 
@@ -162,6 +171,13 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
     if value < 0:
         raise SettingsError(f"{name}={raw!r} must not be negative")
     return value
+
+
+def _port(env: Mapping[str, str], name: str, default: int) -> int:
+    port = _int(env, name, default)
+    if not 0 < port < 65536:
+        raise SettingsError(f"{name}={port} is not a TCP port (1-65535)")
+    return port
 
 
 def _float(env: Mapping[str, str], name: str, default: float) -> float:
