@@ -309,6 +309,27 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+def child_env(lab: Lab, extra: Mapping[str, str | None] | None = None) -> dict[str, str]:
+    """This process's environment pointed at the lab's database, for a child process.
+
+    ``DATABASE_URL`` (password included: it goes into the environment only, never
+    into output) and ``DB_SCHEMA`` are what the lab uses, so ``Settings.from_env()``
+    in the child finds the same server and schema; then ``extra`` (a ``None`` value
+    removes the variable).
+    """
+    env = dict(os.environ)
+    env["DATABASE_URL"] = lab.db.target.url.render_as_string(hide_password=False)
+    env.pop("DB_SCHEMA", None)
+    if lab.db.settings.schema:
+        env["DB_SCHEMA"] = lab.db.settings.schema
+    for key, value in (extra or {}).items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
 async def run_python(
     lab: Lab,
     code: str,
@@ -319,24 +340,12 @@ async def run_python(
 ) -> subprocess.CompletedProcess[str]:
     """Run ``python [options] -c code`` in a child process against the lab's database.
 
-    The child gets this process's environment with ``DATABASE_URL`` (password
-    included: it goes into the environment only, never into output) and
-    ``DB_SCHEMA`` set to what the lab uses, so ``Settings.from_env()`` there finds
-    the same server and schema; then ``extra_env`` (a ``None`` value removes the
-    variable). stdout and stderr are captured as text. A child still running
-    after ``within`` seconds, or when the caller is cancelled, is killed;
-    running out of time then raises :class:`subprocess.TimeoutExpired`.
+    The child's environment is :func:`child_env` with ``extra_env``. stdout and
+    stderr are captured as text. A child still running after ``within`` seconds,
+    or when the caller is cancelled, is killed; running out of time then raises
+    :class:`subprocess.TimeoutExpired`.
     """
-    env = dict(os.environ)
-    env["DATABASE_URL"] = lab.db.target.url.render_as_string(hide_password=False)
-    env.pop("DB_SCHEMA", None)
-    if lab.db.settings.schema:
-        env["DB_SCHEMA"] = lab.db.settings.schema
-    for key, value in (extra_env or {}).items():
-        if value is None:
-            env.pop(key, None)
-        else:
-            env[key] = value
+    env = child_env(lab, extra_env)
     args = [sys.executable, *options, "-c", code]
     proc = await asyncio.create_subprocess_exec(
         *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
