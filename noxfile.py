@@ -1,8 +1,9 @@
-"""nox sessions: `nox -s tests` (the default), `lint`, `typecheck`, `migrations`.
+"""nox sessions: `nox -s tests` (the default), `lint`, `typecheck`, `migrations`, `bench`.
 
 Each session installs the project into its own virtualenv with Poetry, from
 poetry.lock (`poetry sync`), so nox tests exactly what the lock file pins.
-`nox -s tests -- <pytest args>` passes the arguments on to pytest.
+`nox -s tests -- <pytest args>` passes the arguments on to pytest;
+`nox -s bench -- --quick` to `orm-async-tests bench`.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ nox.options.sessions = ["tests"]
 nox.options.error_on_missing_interpreters = True
 
 
-def install(session: nox.Session) -> None:
-    """`poetry sync` (project + dev group) into the session's virtualenv."""
+def install(session: nox.Session, groups: str = "dev") -> None:
+    """`poetry sync` (project + ``groups``) into the session's virtualenv."""
     session.run_install(
         "poetry",
         "sync",
         "--with",
-        "dev",
+        groups,
         "--no-interaction",
         external=True,
         env={"VIRTUAL_ENV": session.virtualenv.location, "POETRY_VIRTUALENVS_CREATE": "false"},
@@ -30,8 +31,9 @@ def install(session: nox.Session) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """pytest: every experiment's checks, the db module, migrations, bad input."""
-    install(session)
+    """pytest: every experiment's checks, the db module, migrations, bad input, and a
+    quick benchmark run (so the optional bench group is installed too)."""
+    install(session, "dev,bench")
     session.run("pytest", *session.posargs)
 
 
@@ -45,8 +47,8 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    """mypy --strict on the package (settings in pyproject.toml)."""
-    install(session)
+    """mypy --strict on the package (settings in pyproject.toml), bench included."""
+    install(session, "dev,bench")
     session.run("mypy", "--strict")
 
 
@@ -71,3 +73,14 @@ def migrations(session: nox.Session) -> None:
     ):
         session.run("alembic", *args, env=env)
     session.run("alembic", "upgrade", "head", "--sql", env=env, silent=True)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The benchmark (`orm-async-tests bench`): JSON, Markdown and charts in bench-results/.
+
+    Against the embedded PostgreSQL, or DATABASE_URL (migrated); `nox -s bench -- --quick`
+    for a short run, `-- --out DIR`, `-- --concurrency 1 10`.
+    """
+    install(session, "dev,bench")
+    session.run("orm-async-tests", "bench", *session.posargs)

@@ -1,9 +1,11 @@
-"""Command line: ``orm-async-tests list | run N... | run --all`` and ``poetry run testN``.
+"""Command line: ``orm-async-tests list | run N... | run --all | bench`` and ``poetry run testN``.
 
 Exit status: 0 when every check of every experiment run holds, 1 when one
 does not (or an experiment raised, or made no check), 2 when the database
 setup is wrong (one line says what and what to do), 130 on Ctrl-C.
 Set ``ORM_ASYNC_TESTS_TRACEBACK=1`` to see the traceback of an unexpected error.
+``bench`` (see :mod:`orm_async_tests.bench`) exits 1 when a benchmarked pattern fails
+its check, and 2 when the optional ``bench`` dependency group is not installed.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ import re
 import sys
 import textwrap
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from importlib.metadata import version
 from typing import Any
 
 from . import migrations
+from .bench import MAX_CONCURRENCY
 from .db import Database, Target, open_database, resolve_target
 from .errors import explain
 from .harness import REGISTRY, Experiment, Result, first_line
@@ -50,7 +53,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = commands.add_parser("run", help="run experiments by number, or all of them")
     run.add_argument("numbers", nargs="*", type=int, metavar="N")
     run.add_argument("--all", action="store_true", help="run every experiment")
+    bench = commands.add_parser(
+        "bench",
+        help="benchmark async SQLAlchemy patterns beside raw asyncpg and Tortoise ORM",
+        description="Benchmark the naive and the fastest correct async SQLAlchemy patterns "
+        "beside raw asyncpg and Tortoise ORM on the same server and rows; writes JSON, "
+        "Markdown and charts. Needs `poetry install --with bench`.",
+    )
+    bench.add_argument("--quick", action="store_true", help="a short run (smaller, fewer repeats)")
+    bench.add_argument(
+        "--out", default="bench-results", metavar="DIR", help="(default: bench-results)"
+    )
+    bench.add_argument(
+        "--concurrency",
+        nargs="+",
+        type=int,
+        default=[1, 10],
+        metavar="N",
+        help=f"tasks sharing the pool, one session each (default: 1 10; 1 to {MAX_CONCURRENCY})",
+    )
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        if any(not 1 <= n <= MAX_CONCURRENCY for n in args.concurrency):
+            parser.error(f"--concurrency levels must be between 1 and {MAX_CONCURRENCY}")
+        return _bench(args)
     found = discover()
     if args.command == "list":
         for exp in found.values():
@@ -85,10 +111,29 @@ def run_one(exp: Experiment, argv: Sequence[str] | None = None) -> int:
     return _guarded([(exp, vars(args))])
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import INSTALL_HINT, missing_modules
+
+    if missing_modules():
+        print(f"error: {INSTALL_HINT}", file=sys.stderr)
+        return EXIT_SETUP
+    from .bench.command import bench
+
+    return _guarded_run(lambda target: bench(args, target))
+
+
 def _guarded(plan: list[tuple[Experiment, dict[str, Any]]]) -> int:
+    return _guarded_run(lambda target: run_experiments(plan, target))
+
+
+def _guarded_run(main: Callable[[list[Target]], Coroutine[Any, Any, int]]) -> int:
+    """Run ``main`` in a new event loop; a setup error becomes one line and exit status 2.
+
+    ``main`` appends the :class:`Target` it resolved, so the line can name the server.
+    """
     target: list[Target] = []
     try:
-        return asyncio.run(run_experiments(plan, target))
+        return asyncio.run(main(target))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

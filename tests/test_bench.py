@@ -1,0 +1,247 @@
+"""The benchmark: a quick run on the test database (every cell gets a number, files are
+written, nothing is left behind), the statistics on fixed numbers, and the CLI's errors.
+
+No timing is ever asserted: only that each cell passed its correctness check and
+produced a positive rate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from orm_async_tests import cli
+from orm_async_tests.bench import missing_modules
+from orm_async_tests.bench.connect import server_params
+from orm_async_tests.bench.stats import DASH, TIMES, geomean, number, ratio, summarize, times
+from orm_async_tests.db import Database, Target
+from orm_async_tests.models import User
+from orm_async_tests.settings import Settings, normalize_url
+
+from .commands import run_command
+
+needs_bench_group = pytest.mark.skipif(
+    bool(missing_modules()), reason="the bench dependency group is not installed"
+)
+
+
+@needs_bench_group
+async def test_quick_bench_gives_every_cell_a_number(database: Database, tmp_path: Path) -> None:
+    from orm_async_tests.bench import plots, report
+    from orm_async_tests.bench.operations import OPERATIONS
+    from orm_async_tests.bench.suite import IMPLEMENTATIONS, group_count, run_bench
+
+    seen: list[str] = []
+    run = await run_bench(database, quick=True, concurrency=(1, 10), progress=seen.append)
+
+    assert [(c.operation, c.implementation, c.concurrency, c.error) for c in run.failed] == []
+    assert len(run.cells) == 10 * 2 * 4
+    assert len(seen) == group_count((1, 10)) == 10 * 2
+    for cell in run.cells:
+        summary = cell.summary
+        assert summary is not None, cell
+        assert len(summary.samples) == run.meta["plan"]["repeats"]
+        assert all(math.isfinite(s) and s > 0 for s in summary.samples)
+    assert {c.implementation for c in run.cells} == {i.key for i in IMPLEMENTATIONS}
+    for impl in IMPLEMENTATIONS:
+        assert set(impl.cases) == set(OPERATIONS), impl.key
+
+    written = report.write(run, tmp_path) + plots.write(run, tmp_path)
+    assert sorted(p.name for p in written) == [
+        "bench-reads.png",
+        "bench-writes.png",
+        "bench.json",
+        "bench.md",
+    ]
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert all(isinstance(c["median"], float) and c["error"] is None for c in data["cells"])
+    assert set(data["geomeans"]) == {"1", "10"}
+    assert all(v is not None for v in data["geomeans"]["10"].values())
+    table = (tmp_path / "bench.md").read_text()
+    assert "## Concurrency 1" in table
+    assert "## Concurrency 10" in table
+    assert "failed" not in table
+    for op in OPERATIONS.values():
+        assert f"| {op.title} |" in table
+    for png in ("bench-reads.png", "bench-writes.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    async with database.sessions() as session:
+        left = await session.scalar(
+            select(func.count()).select_from(User).where(User.username.startswith("bench-"))
+        )
+    assert left == 0
+
+
+@needs_bench_group
+async def test_a_wrong_or_failing_pattern_gets_no_number(database: Database) -> None:
+    """A case whose results are wrong, or that raises, fails its cell and is never timed."""
+    from contextlib import AbstractAsyncContextManager
+    from typing import Any
+
+    from sqlalchemy import bindparam
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
+    from orm_async_tests.bench.cases import Environment, Implementation
+    from orm_async_tests.bench.dataset import QUICK_SIZES, Dataset, users
+    from orm_async_tests.bench.operations import OPERATIONS
+    from orm_async_tests.bench.runner import QUICK_PLAN, run_group
+
+    class OnTheTestEngine(Implementation[AsyncConnection]):
+        label = "test"
+
+        def __init__(self, key: str) -> None:
+            super().__init__()
+            self.key = key  # type: ignore[misc]
+
+        async def open(self, env: Environment) -> None:
+            pass
+
+        def task(self) -> AbstractAsyncContextManager[AsyncConnection]:
+            return database.engine.connect()
+
+        async def close(self) -> None:
+            pass
+
+    get_user = select(users).where(users.c.id == bindparam("b_id"))
+    right, wrong, raising = (OnTheTestEngine(k) for k in ("right", "wrong", "raising"))
+
+    @right.case("get_by_pk")
+    async def get(conn: AsyncConnection, user_id: int) -> Any:
+        """Reads the user asked for."""
+        return (await conn.execute(get_user, {"b_id": user_id})).one()
+
+    @wrong.case("get_by_pk")
+    async def get_another(conn: AsyncConnection, user_id: int) -> Any:
+        """Reads the next user: fast, and wrong."""
+        return (await conn.execute(get_user, {"b_id": user_id + 1})).one()
+
+    @raising.case("get_by_pk")
+    async def get_nothing(conn: AsyncConnection, user_id: int) -> Any:
+        """Reads a user that does not exist."""
+        return (await conn.execute(get_user, {"b_id": -user_id})).one()
+
+    data = Dataset(database, QUICK_SIZES)
+    await data.seed(writers=2)
+    try:
+        cells = await run_group(
+            [right, wrong, raising], OPERATIONS["get_by_pk"], 2, data, QUICK_PLAN
+        )
+    finally:
+        await data.drop()
+    ok, bad, broken = cells
+    assert ok.error is None
+    assert ok.summary is not None
+    assert len(ok.samples) == QUICK_PLAN.repeats
+    assert bad.summary is None
+    assert bad.samples == []
+    assert bad.error is not None
+    assert bad.error.startswith("check failed: user ")
+    assert broken.summary is None
+    assert broken.error is not None
+    assert broken.error.startswith("NoResultFound: ")
+
+
+def test_summary_is_median_min_max() -> None:
+    odd = summarize([30.0, 10.0, 20.0, 50.0, 40.0])
+    assert (odd.median, odd.low, odd.high) == (30.0, 10.0, 50.0)
+    assert odd.samples == (30.0, 10.0, 20.0, 50.0, 40.0)
+    even = summarize([4.0, 1.0, 3.0, 2.0])
+    assert (even.median, even.low, even.high) == (2.5, 1.0, 4.0)
+    assert summarize([7.0]).median == 7.0
+    with pytest.raises(ValueError, match="no samples"):
+        summarize([])
+    with pytest.raises(ValueError, match="positive"):
+        summarize([1.0, 0.0])
+
+
+def test_ratios_and_geometric_means() -> None:
+    fast, slow = summarize([200.0, 100.0, 300.0]), summarize([50.0, 40.0, 60.0])
+    assert ratio(slow, fast) == 0.25
+    assert ratio(fast, slow) == 4.0
+    assert ratio(None, fast) is None
+    assert ratio(fast, None) is None
+    assert geomean([2.0, 8.0]) == pytest.approx(4.0)
+    assert geomean([0.5, 2.0, None]) == pytest.approx(1.0)
+    assert geomean([1.0, 10.0, 100.0]) == pytest.approx(10.0)
+    assert geomean([None, None]) is None
+    assert geomean([]) is None
+    with pytest.raises(ValueError, match="positive"):
+        geomean([1.0, -1.0])
+
+
+def test_numbers_as_the_report_shows_them() -> None:
+    assert number(16729.4) == "16,700"
+    assert number(742.3) == "742"
+    assert number(9.861) == "9.86"
+    assert number(0.41234) == "0.412"
+    assert number(0) == "0"
+    assert times(0.5) == f"0.500{TIMES}"
+    assert times(None) == DASH
+    assert summarize([1000.0, 990.0, 1234.0]).shown() == f"1,000 (990{DASH}1,230)"
+
+
+def test_asyncpg_and_tortoise_reach_the_same_server_and_schema() -> None:
+    """Their connection parameters come from the target's URL and the settings."""
+    socket = Target(normalize_url("postgresql://postgres@/postgres?host=/run/pg"))
+    params = server_params(socket, Settings(database_url=None), "bench")
+    assert (params.host, params.port, params.user, params.database) == (
+        "/run/pg",
+        5432,
+        "postgres",
+        "postgres",
+    )
+    assert params.asyncpg_kwargs()["server_settings"] == {"application_name": "bench"}
+    assert "ssl" not in params.asyncpg_kwargs()
+
+    url = normalize_url("postgresql://me:s3cret@db.example:6543/app?sslmode=require")
+    settings = Settings(database_url=url, schema="bench_schema", connect_timeout=2.5)
+    params = server_params(Target(url), settings, "bench")
+    kwargs = params.asyncpg_kwargs()
+    assert (kwargs["host"], kwargs["port"], kwargs["password"], kwargs["ssl"]) == (
+        "db.example",
+        6543,
+        "s3cret",
+        "require",
+    )
+    assert kwargs["server_settings"] == {"application_name": "bench", "search_path": "bench_schema"}
+    assert kwargs["timeout"] == 2.5
+    credentials = params.tortoise_credentials(10)
+    assert credentials["schema"] == "bench_schema"
+    assert (credentials["minsize"], credentials["maxsize"]) == (10, 10)
+
+
+def test_bench_without_its_dependency_group_says_how_to_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr("orm_async_tests.bench.missing_modules", lambda: ["tortoise"])
+    assert cli.main(["bench", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "poetry install --with bench" in err
+
+
+def test_bench_refuses_a_concurrency_out_of_range(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", "--concurrency", "1", "0"])
+    assert exit_.value.code == 2
+    assert "between 1 and 16" in capsys.readouterr().err
+
+
+@needs_bench_group
+def test_bench_setup_error_is_one_line() -> None:
+    ran = run_command(
+        "orm-async-tests",
+        "bench",
+        "--quick",
+        env={"DATABASE_URL": "postgresql://me:secret@127.0.0.1:1/db", "DB_SCHEMA": None},
+    )
+    assert ran.code == 2, ran.text
+    assert ran.out == ""
+    assert ran.err.startswith("error: cannot reach PostgreSQL at 127.0.0.1:1/db")
+    assert ran.err.count("\n") == 1
+    assert "secret" not in ran.err
