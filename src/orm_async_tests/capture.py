@@ -73,3 +73,17 @@ def captured(
                     gc.collect()
     finally:
         log.removeHandler(handler)
+
+
+@contextmanager
+def manual_gc() -> Iterator[None]:
+    """No automatic garbage collection inside the block (explicit ``gc.collect()`` still
+    works): what a leaked object's collection does then happens where an experiment
+    collects, not at whatever allocation happens to trigger a collection."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()

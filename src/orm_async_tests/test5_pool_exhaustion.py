@@ -45,7 +45,7 @@ from sqlalchemy import exc, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import probes
-from .capture import captured
+from .capture import captured, manual_gc
 from .db import create_session_factory
 from .harness import Lab, describe, experiment, first_line, run_python
 from .probes import checked_out, queue_pool
@@ -320,12 +320,10 @@ async def never_closed(lab: Lab, *, pool_timeout: float) -> None:
     engine = lab.engine_with(
         application_name=app, pool_size=1, max_overflow=0, pool_timeout=pool_timeout
     )
-    was_enabled = gc.isenabled()
     gc.collect()  # garbage from before is not ours: collected outside the capture below
     with captured(level=logging.DEBUG, collect=False) as got:
         caught = got.caught
-        gc.disable()  # from here on, only our gc.collect() collects
-        try:
+        with manual_gc():  # from here on, only our gc.collect() collects
             pid, raw = await leak_a_session(engine)
             ours_before = [w for w in caught if raw in str(w.message)]
             held_before = checked_out(engine)
@@ -333,9 +331,6 @@ async def never_closed(lab: Lab, *, pool_timeout: float) -> None:
             gc.collect()
             ours = [w for w in caught if raw in str(w.message)]
             held_after = checked_out(engine)
-        finally:
-            if was_enabled:
-                gc.enable()
     others = [w for w in caught if raw not in str(w.message)]
     if others:
         lab.note(
