@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import tempfile
 from pathlib import Path
 
 from orm_async_tests.cli import discover
 
-from .commands import run_command
+from .commands import SCRIPTS, run_command
 
 
 def test_list_names_every_experiment() -> None:
@@ -17,6 +19,24 @@ def test_list_names_every_experiment() -> None:
     for exp in discover().values():
         assert f"{exp.name}" in ran.out
         assert exp.title in ran.out
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback() -> None:
+    """`orm-async-tests list | head -1`: the pipe closes before the output is written."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [str(SCRIPTS / "orm-async-tests"), "list"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (141, "")
 
 
 def test_run_needs_numbers_or_all() -> None:

@@ -2,7 +2,8 @@
 
 Exit status: 0 when every check of every experiment run holds, 1 when one
 does not (or an experiment raised, or made no check), 2 when the database
-setup is wrong (one line says what and what to do), 130 on Ctrl-C.
+setup is wrong (one line says what and what to do), 130 on Ctrl-C, 141 when
+the reader of standard output went away (``| head``), as for a tool killed by SIGPIPE.
 Set ``ORM_ASYNC_TESTS_TRACEBACK=1`` to see the traceback of an unexpected error.
 ``bench`` (see :mod:`orm_async_tests.bench`) exits 1 when a benchmarked pattern fails
 its check, and 2 when the optional ``bench`` dependency group is not installed.
@@ -20,8 +21,9 @@ import sys
 import textwrap
 import traceback
 from collections.abc import Callable, Coroutine, Sequence
+from functools import wraps
 from importlib.metadata import version
-from typing import Any
+from typing import Any, ParamSpec
 
 from . import migrations
 from .bench import MAX_CONCURRENCY
@@ -31,7 +33,25 @@ from .harness import REGISTRY, Experiment, Result, first_line
 from .settings import Settings
 
 WIDTH = 100
-EXIT_OK, EXIT_FAILED, EXIT_SETUP, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_SETUP, EXIT_INTERRUPTED, EXIT_PIPE_CLOSED = 0, 1, 2, 130, 141
+P = ParamSpec("P")
+
+
+def reader_may_leave(command: Callable[P, int]) -> Callable[P, int]:
+    """Let ``orm-async-tests list | head`` end quietly instead of with a BrokenPipeError."""
+
+    @wraps(command)
+    def guarded(*args: P.args, **kwargs: P.kwargs) -> int:
+        try:
+            status = command(*args, **kwargs)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            # Python flushes stdout again at exit: point it at /dev/null first.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_PIPE_CLOSED
+        return status
+
+    return guarded
 
 
 def discover() -> dict[int, Experiment]:
@@ -43,6 +63,7 @@ def discover() -> dict[int, Experiment]:
     return dict(sorted(REGISTRY.items()))
 
 
+@reader_may_leave
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="orm-async-tests",
@@ -92,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _guarded([(exp, {}) for exp in chosen])
 
 
+@reader_may_leave
 def run_one(exp: Experiment, argv: Sequence[str] | None = None) -> int:
     """``poetry run testN [--size value ...]``: its parameters become options."""
     parser = argparse.ArgumentParser(
