@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from orm_async_tests.harness import environment
 
 SCRIPTS = Path(sys.executable).parent
 
@@ -40,14 +40,3 @@ def run_command(
         check=False,
     )
     return Ran(done.returncode, done.stdout, done.stderr)
-
-
-def environment(overrides: Mapping[str, str | None] | None = None) -> dict[str, str]:
-    """This process's environment with ``overrides``; ``None`` removes a variable."""
-    full = dict(os.environ)
-    for key, value in (overrides or {}).items():
-        if value is None:
-            full.pop(key, None)
-        else:
-            full[key] = value
-    return full

@@ -17,7 +17,7 @@ def test_list_names_every_experiment() -> None:
     ran = run_command("orm-async-tests", "list")
     assert ran.code == 0, ran.text
     for exp in discover().values():
-        assert f"{exp.name}" in ran.out
+        assert exp.name in ran.out
         assert exp.title in ran.out
 
 

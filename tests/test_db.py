@@ -51,6 +51,15 @@ def test_connect_args_per_driver() -> None:
         "application_name": "x",
         "options": "-c search_path=s1",
     }
+    timeouts = {"lock_timeout": "5s"}
+    assert connect_args(settings, server_settings=timeouts)["server_settings"] == {
+        "lock_timeout": "5s",
+        "application_name": "orm-async-tests",
+        "search_path": "s1",
+    }
+    assert connect_args(psycopg, server_settings=timeouts)["options"] == (
+        "-c lock_timeout=5s -c search_path=s1"
+    )
 
 
 def test_embedded_server_is_reused_not_restarted(target: Target) -> None:

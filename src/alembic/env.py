@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import async_engine_from_config
 
 from orm_async_tests.db import Target, connect_args, resolve_target
 from orm_async_tests.errors import explain
-from orm_async_tests.migrations import COMPARE_OPTIONS
+from orm_async_tests.migrations import COMPARE_OPTIONS, create_schema
 from orm_async_tests.models import Base
 from orm_async_tests.settings import Settings
 
@@ -64,10 +64,9 @@ async def run_async_migrations(settings: Settings, target: Target) -> None:
         connect_args=connect_args(settings, application_name="alembic"),
     )
     try:
+        if settings.schema:
+            await create_schema(connectable, settings.schema)
         async with connectable.connect() as connection:
-            if settings.schema:
-                await connection.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{settings.schema}"')
-                await connection.commit()
             await connection.run_sync(do_run_migrations)
     finally:
         await connectable.dispose()

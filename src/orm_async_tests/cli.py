@@ -129,7 +129,7 @@ def run_one(exp: Experiment, argv: Sequence[str] | None = None) -> int:
             default=default,
             help=f"(default: {default})",
         )
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
     return _guarded([(exp, vars(args))])
 
 

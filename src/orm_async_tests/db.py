@@ -86,23 +86,32 @@ def resolve_target(settings: Settings, *, throwaway_embedded: bool = False) -> T
     return Target(server.url(settings.driver), server)
 
 
-def connect_args(settings: Settings, *, application_name: str | None = None) -> dict[str, Any]:
-    """Driver-specific connect arguments for timeout, search_path and application_name
-    (``settings.application_name`` unless given)."""
-    application_name = application_name or settings.application_name
+def connect_args(
+    settings: Settings,
+    *,
+    application_name: str | None = None,
+    server_settings: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Driver-specific connect arguments for timeout, search_path, application_name
+    (``settings.application_name`` unless given) and other server settings.
+
+    ``server_settings`` (``{"lock_timeout": "5s"}``) become session defaults of every
+    connection at startup (asyncpg ``server_settings``, psycopg ``options=-c``), so a
+    pool reset's ROLLBACK never undoes them.
+    """
+    parameters = dict(server_settings or {})
+    parameters["application_name"] = application_name or settings.application_name
+    if settings.schema:
+        parameters["search_path"] = settings.schema
     if settings.driver == "psycopg":
-        options = f"-c search_path={settings.schema}" if settings.schema else ""
         args: dict[str, Any] = {
             "connect_timeout": max(1, round(settings.connect_timeout)),
-            "application_name": application_name,
+            "application_name": parameters.pop("application_name"),
         }
-        if options:
-            args["options"] = options
+        if parameters:
+            args["options"] = " ".join(f"-c {name}={value}" for name, value in parameters.items())
         return args
-    server_settings = {"application_name": application_name}
-    if settings.schema:
-        server_settings["search_path"] = settings.schema
-    return {"timeout": settings.connect_timeout, "server_settings": server_settings}
+    return {"timeout": settings.connect_timeout, "server_settings": parameters}
 
 
 def create_engine(
@@ -111,17 +120,24 @@ def create_engine(
     *,
     poolclass: type[Pool] | None = None,
     application_name: str | None = None,
+    server_settings: Mapping[str, str] | None = None,
+    driver_args: Mapping[str, Any] | None = None,
     **overrides: Any,
 ) -> AsyncEngine:
     """An ``AsyncEngine`` for ``target`` with the options documented above.
 
-    ``overrides`` are passed to ``create_async_engine`` last, so an experiment
-    can change one option (``pool_size=2``, ``pool_pre_ping=False``) and keep the rest.
+    ``server_settings`` and ``driver_args`` (``{"command_timeout": 1}``) are added to
+    :func:`connect_args`. ``overrides`` are passed to ``create_async_engine`` last, so an
+    experiment can change one option (``pool_size=2``, ``pool_pre_ping=False``) and
+    keep the rest.
     """
+    args = connect_args(
+        settings, application_name=application_name, server_settings=server_settings
+    )
     options: dict[str, Any] = {
         "echo": settings.echo,
         "pool_pre_ping": settings.pool_pre_ping,
-        "connect_args": connect_args(settings, application_name=application_name),
+        "connect_args": args | dict(driver_args or {}),
     }
     if poolclass is not None:
         options["poolclass"] = poolclass

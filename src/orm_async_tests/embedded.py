@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import subprocess
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,8 +47,6 @@ class EmbeddedServerError(RuntimeError):
 class EmbeddedServer:
     data_dir: Path
     socket_dir: Path
-    start_seconds: float
-    """Time spent in starting (or finding) the server, initdb included on first use."""
 
     def url(self, driver: str = "asyncpg", database: str = DATABASE) -> URL:
         return URL.create(
@@ -78,7 +75,6 @@ def ensure_server(data_dir: Path | None = None, *, throwaway: bool = False) -> E
     key = (path, throwaway)
     if key in _servers:
         return _servers[key]
-    started = time.perf_counter()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         server = _get_server(path, "delete" if throwaway else "stop")
@@ -90,7 +86,7 @@ def ensure_server(data_dir: Path | None = None, *, throwaway: bool = False) -> E
         ) from exc
     if socket_dir is None:
         raise EmbeddedServerError(f"the embedded PostgreSQL in {path} reports no socket directory")
-    found = EmbeddedServer(path, Path(socket_dir), time.perf_counter() - started)
+    found = EmbeddedServer(path, Path(socket_dir))
     _servers[key] = found
     return found
 

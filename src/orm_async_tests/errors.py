@@ -24,10 +24,6 @@ class SchemaNotMigrated(RuntimeError):
     """The database exists but is not at the migrations' head revision."""
 
 
-class ProblemWithSetup(RuntimeError):
-    """An error already phrased for the user (one line, no secrets)."""
-
-
 START_HINT = (
     "start the server (e.g. `docker compose up -d db`), or unset DATABASE_URL "
     "to use the embedded PostgreSQL"
@@ -54,8 +50,6 @@ def _explain(exc: BaseException, target: Target | None) -> str | None:
         hint = f"see the embedded server's log at {log}, or set DATABASE_URL to use another server"
     for err in linked(exc):
         if isinstance(err, SettingsError | EmbeddedServerError | SchemaNotMigrated):
-            return str(err)
-        if isinstance(err, ProblemWithSetup):
             return str(err)
         state = getattr(err, "sqlstate", None) or getattr(err, "pgcode", None)
         message = str(err).strip().splitlines()[0] if str(err).strip() else ""

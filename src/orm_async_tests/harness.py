@@ -27,6 +27,7 @@ import asyncio
 import inspect
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import time
@@ -36,10 +37,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from sqlalchemy import delete, event, text
+from sqlalchemy import delete, event, select, text
+from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from .db import Database, create_engine
+from .db import Database, Target, create_engine
 from .errors import first_line as first_line  # re-exported: the experiments' toolbox
 from .errors import sqlstate as sqlstate
 from .models import Group, Job, User
@@ -147,14 +149,16 @@ class Lab:
     def note(self, text: str) -> None:
         self.notes.append(text)
 
-    def engine_with(self, **overrides: Any) -> AsyncEngine:
-        """Another engine on the same server with some options changed; disposed after the run.
+    def engine_with(self, *, url: URL | None = None, **overrides: Any) -> AsyncEngine:
+        """Another engine with some options changed (see :func:`.db.create_engine`);
+        disposed after the run. On the same server unless ``url`` says otherwise.
 
         Its connections carry ``application_name`` = :attr:`tag` unless told
         otherwise, so ``pg_stat_activity`` counts this run's connections only.
         """
         overrides.setdefault("application_name", self.tag)
-        engine = create_engine(self.db.settings, self.db.target, **overrides)
+        target = self.db.target if url is None else Target(url)
+        engine = create_engine(self.db.settings, target, **overrides)
         self._engines.append(engine)
         return engine
 
@@ -189,7 +193,6 @@ class Result:
     seconds: float
     error: str | None = None
     """What the body raised (``describe``), if it raised."""
-    exception: BaseException | None = field(default=None, repr=False)
     traceback: str | None = field(default=None, repr=False)
     skipped: str | None = None
     """Why the experiment did not run (``lab.skip``): never counted as passed."""
@@ -228,11 +231,6 @@ class Experiment:
     def question(self) -> str:
         return inspect.cleandoc(self.body.__doc__ or "").strip()
 
-    @property
-    def background(self) -> str:
-        module = inspect.getmodule(self.body)
-        return inspect.cleandoc(module.__doc__ or "") if module else ""
-
     async def run(self, db: Database, **params: Any) -> Result:
         """Run the body on ``db``; its checks, and what it raised or why it skipped."""
         unknown = set(params) - set(self.params)
@@ -248,7 +246,6 @@ class Experiment:
             result.skipped = str(why)
         except Exception as exc:
             result.error = describe(exc)
-            result.exception = exc
             result.traceback = traceback.format_exc()
         finally:
             await lab.close()
@@ -301,12 +298,37 @@ async def outcome(awaitable: Awaitable[Any]) -> str:
     return "ok"
 
 
+async def one_transaction(sessions: async_sessionmaker[AsyncSession]) -> None:
+    """Begin, ``SELECT 1``, commit: whether the next user of a pool or session factory
+    gets a working transaction (wrap in :func:`outcome` to record what it raised)."""
+    async with sessions.begin() as session:
+        await session.execute(select(1))
+
+
 def _text(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3f}"
     if isinstance(value, BaseException):
         return describe(value)
     return str(value)
+
+
+def environment(overrides: Mapping[str, str | None] | None = None) -> dict[str, str]:
+    """This process's environment with ``overrides``; a ``None`` value removes the variable."""
+    env = dict(os.environ)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for a child server)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def child_env(lab: Lab, extra: Mapping[str, str | None] | None = None) -> dict[str, str]:
@@ -317,17 +339,11 @@ def child_env(lab: Lab, extra: Mapping[str, str | None] | None = None) -> dict[s
     in the child finds the same server and schema; then ``extra`` (a ``None`` value
     removes the variable).
     """
-    env = dict(os.environ)
-    env["DATABASE_URL"] = lab.db.target.url.render_as_string(hide_password=False)
-    env.pop("DB_SCHEMA", None)
-    if lab.db.settings.schema:
-        env["DB_SCHEMA"] = lab.db.settings.schema
-    for key, value in (extra or {}).items():
-        if value is None:
-            env.pop(key, None)
-        else:
-            env[key] = value
-    return env
+    database: dict[str, str | None] = {
+        "DATABASE_URL": lab.db.target.url.render_as_string(hide_password=False),
+        "DB_SCHEMA": lab.db.settings.schema,
+    }
+    return environment({**database, **(extra or {})})
 
 
 async def run_python(
