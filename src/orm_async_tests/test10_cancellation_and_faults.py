@@ -43,7 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.pool import NullPool
 
 from . import probes
-from .db import connect_args, create_session_factory
+from .db import create_session_factory
 from .harness import Lab, describe, experiment, first_line, outcome, sqlstate
 from .models import User
 from .probes import checked_out, queue_pool
@@ -111,12 +111,6 @@ async def sql_outcome(awaitable: Awaitable[Any]) -> str:
     return "ok"
 
 
-async def commit_users(sessions: async_sessionmaker[AsyncSession], names: list[str]) -> list[str]:
-    async with sessions.begin() as session:
-        session.add_all(User(username=name) for name in names)
-    return names
-
-
 @dataclass
 class Attempt:
     """One request on a pool after a fault: ``ok`` or the error, and the backend used."""
@@ -153,6 +147,30 @@ class Ledger:
 
     def names(self, label: str) -> list[str]:
         return [f"{self.tag}{label}-{i}" for i in range(self.rows)]
+
+    async def commit(self, sessions: async_sessionmaker[AsyncSession], label: str) -> None:
+        """Commit ``rows`` users in a transaction of their own (they must survive)."""
+        names = self.names(label)
+        async with sessions.begin() as session:
+            session.add_all(User(username=name) for name in names)
+        self.committed += names
+
+    async def flush_doomed(self, session: AsyncSession, label: str) -> None:
+        """Flush ``rows`` users in ``session``'s transaction, which is about to be interrupted."""
+        names = self.names(label)
+        self.interrupted += names
+        session.add_all(User(username=name) for name in names)
+        await session.flush()
+
+
+def one_connection(
+    lab: Lab, app: str, **overrides: Any
+) -> tuple[AsyncEngine, async_sessionmaker[AsyncSession]]:
+    """An engine of one pooled connection, its backend named ``app``; no pre-ping unless
+    ``overrides`` (engine options) say otherwise."""
+    options: dict[str, Any] = {"pool_size": 1, "max_overflow": 0, "pool_pre_ping": False}
+    engine = lab.engine_with(application_name=app, **(options | overrides))
+    return engine, create_session_factory(engine)
 
 
 # ---------------------------------------------------------------- the experiment
@@ -192,17 +210,13 @@ async def cancel_with_asyncio_timeout(
 ) -> None:
     """``asyncio.timeout`` around a long pg_sleep inside an ORM transaction."""
     app = f"{lab.tag}cancel"
-    engine = lab.engine_with(application_name=app, pool_size=1, max_overflow=0, pool_pre_ping=False)
-    sessions = create_session_factory(engine)
+    engine, sessions = one_connection(lab, app)
     invalidations = Invalidations.on(engine)
-    ledger.committed += await commit_users(sessions, ledger.names("before-cancel"))
+    await ledger.commit(sessions, "before-cancel")
 
     async with sessions() as session:
         pid = await backend_pid(session)
-        cancelled_rows = ledger.names("cancelled")
-        ledger.interrupted += cancelled_rows
-        session.add_all(User(username=name) for name in cancelled_rows)
-        await session.flush()
+        await ledger.flush_doomed(session, "cancelled")
         watcher = watch_sleepers(lab, app)
         started = time.perf_counter()
         try:
@@ -311,24 +325,12 @@ async def asyncpg_command_timeout(
 ) -> None:
     """asyncpg's own ``command_timeout`` (a connect argument)."""
     app = f"{lab.tag}cmdtimeout"
-    args = connect_args(lab.db.settings, application_name=app)
-    args["command_timeout"] = command_timeout
-    engine = lab.engine_with(
-        application_name=app,
-        connect_args=args,
-        pool_size=1,
-        max_overflow=0,
-        pool_pre_ping=False,
-    )
-    sessions = create_session_factory(engine)
+    engine, sessions = one_connection(lab, app, driver_args={"command_timeout": command_timeout})
     invalidations = Invalidations.on(engine)
-    ledger.committed += await commit_users(sessions, ledger.names("before-command-timeout"))
+    await ledger.commit(sessions, "before-command-timeout")
     async with sessions() as session:
         pid = await backend_pid(session)
-        timed_out_rows = ledger.names("command-timed-out")
-        ledger.interrupted += timed_out_rows
-        session.add_all(User(username=name) for name in timed_out_rows)
-        await session.flush()
+        await ledger.flush_doomed(session, "command-timed-out")
         wrapped = False
         try:
             async with asyncio.timeout(BOUND):
@@ -366,28 +368,18 @@ async def asyncpg_command_timeout(
 async def server_statement_timeout(
     lab: Lab, ledger: Ledger, timeout_ms: int, long_sleep: float, slow: float
 ) -> None:
-    """``statement_timeout`` for every connection of an engine, via asyncpg server_settings."""
+    """``statement_timeout`` for every connection of an engine, a startup server setting."""
     app = f"{lab.tag}stmt"
-    args = connect_args(lab.db.settings, application_name=app)
-    args["server_settings"] = {**args["server_settings"], "statement_timeout": str(timeout_ms)}
-    engine = lab.engine_with(
-        application_name=app,
-        connect_args=args,
-        pool_size=1,
-        max_overflow=0,
-        pool_pre_ping=False,
+    engine, sessions = one_connection(
+        lab, app, server_settings={"statement_timeout": str(timeout_ms)}
     )
-    sessions = create_session_factory(engine)
     invalidations = Invalidations.on(engine)
-    ledger.committed += await commit_users(sessions, ledger.names("before-statement-timeout"))
+    await ledger.commit(sessions, "before-statement-timeout")
 
     async with sessions() as session:
         shown = await session.scalar(text("SHOW statement_timeout"))
         pid = await backend_pid(session)
-        timed_out_rows = ledger.names("statement-timed-out")
-        ledger.interrupted += timed_out_rows
-        session.add_all(User(username=name) for name in timed_out_rows)
-        await session.flush()
+        await ledger.flush_doomed(session, "statement-timed-out")
         error: exc.DBAPIError | None = None
         started = time.perf_counter()
         try:
@@ -404,7 +396,7 @@ async def server_statement_timeout(
         await session.rollback()
         pid_after = await backend_pid(session)
         await session.commit()
-        ledger.committed += await commit_users(sessions, ledger.names("after-statement-timeout"))
+        await ledger.commit(sessions, "after-statement-timeout")
 
         # the connection default can be lifted for one transaction
         await session.execute(text("SET LOCAL statement_timeout = 0"))
@@ -463,17 +455,13 @@ async def set_local_statement_timeout(
 ) -> None:
     """``SET LOCAL statement_timeout`` inside one transaction of a default engine."""
     app = f"{lab.tag}local"
-    engine = lab.engine_with(application_name=app, pool_size=1, max_overflow=0, pool_pre_ping=False)
-    sessions = create_session_factory(engine)
+    _, sessions = one_connection(lab, app)
     async with sessions() as session:
         pid = await backend_pid(session)
         default = await session.scalar(text("SHOW statement_timeout"))
         await session.execute(text(f"SET LOCAL statement_timeout = '{timeout_ms}ms'"))
         inside = await session.scalar(text("SHOW statement_timeout"))
-        timed_out_rows = ledger.names("set-local-timed-out")
-        ledger.interrupted += timed_out_rows
-        session.add_all(User(username=name) for name in timed_out_rows)
-        await session.flush()
+        await ledger.flush_doomed(session, "set-local-timed-out")
         try:
             async with asyncio.timeout(BOUND):
                 await session.execute(select(func.pg_sleep(slow)))
@@ -538,7 +526,7 @@ async def terminate_pooled(lab: Lab, ledger: Ledger, *, pre_ping: bool) -> Kille
     )
     sessions = create_session_factory(engine)
     invalidations = Invalidations.on(engine)
-    ledger.committed += await commit_users(sessions, ledger.names(f"before-kill-{variant}"))
+    await ledger.commit(sessions, f"before-kill-{variant}")
     async with sessions() as first, sessions() as second:  # both connections at once
         await backend_pid(first)
         await backend_pid(second)
@@ -547,7 +535,7 @@ async def terminate_pooled(lab: Lab, ledger: Ledger, *, pre_ping: bool) -> Kille
     terminated = [await probes.terminate(lab.engine, pid, wait=BOUND) for pid in server_pids]
     survivors = await probes.live_pids(lab.engine, server_pids)
     attempts = [await one_request(sessions) for _ in range(3)]
-    ledger.committed += await commit_users(sessions, ledger.names(f"after-kill-{variant}"))
+    await ledger.commit(sessions, f"after-kill-{variant}")
     return Killed(
         pooled, server_pids, terminated, survivors, attempts, invalidations, checked_out(engine)
     )
@@ -613,14 +601,11 @@ def check_terminated(lab: Lab, killed: dict[bool, Killed]) -> None:
 async def killed_mid_transaction(lab: Lab, ledger: Ledger) -> None:
     """The backend of a checked-out connection is killed between flush and commit."""
     app = f"{lab.tag}kill-midway"
-    engine = lab.engine_with(application_name=app, pool_size=1, max_overflow=0)
-    sessions = create_session_factory(engine)
+    # pre-ping on, explicitly (not DB_PRE_PING's default): the claim is that it cannot help
+    engine, sessions = one_connection(lab, app, pool_pre_ping=True)
     async with sessions() as session:
         pid = await backend_pid(session)
-        midway = ledger.names("killed-mid-way")
-        ledger.interrupted += midway
-        session.add_all(User(username=name) for name in midway)
-        await session.flush()
+        await ledger.flush_doomed(session, "killed-mid-way")
         killed = await probes.terminate(lab.engine, pid, wait=BOUND)
         commit = "no error"
         invalidated: bool | None = None

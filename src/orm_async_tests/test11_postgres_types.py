@@ -70,7 +70,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.orm.attributes import flag_modified
 from sqlalchemy.pool import NullPool
 
-from .db import Target, connect_args, create_engine
+from .db import Target, create_engine
 from .harness import Lab, describe, experiment, sqlstate
 from .models import User, UserStatus
 
@@ -442,13 +442,12 @@ async def scratch_engine(
 ) -> AsyncIterator[AsyncEngine]:
     """An engine on another URL (query parameters changed), outside the shared pool."""
     url = lab.db.target.url.update_query_dict(query)
-    args = connect_args(lab.db.settings, application_name=lab.tag) | driver_args
     engine = create_engine(
         lab.db.settings,
         Target(url),
         poolclass=NullPool,
         application_name=lab.tag,
-        connect_args=args,
+        driver_args=driver_args,
     )
     try:
         yield engine

@@ -66,7 +66,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import socket
 import statistics
 import sys
 import tempfile
@@ -78,14 +77,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
-from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI, Query, Request
 from sqlalchemy import event, inspect, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from . import probes
-from .api.app import SessionDep, create_app, session_dependency
+from .api.app import SessionDep, create_app, existing_user, session_dependency
 from .db import Database
-from .harness import Lab, child_env, describe, experiment
+from .harness import Lab, child_env, describe, experiment, free_port
 from .models import User
 
 BOUND = 10.0
@@ -260,18 +259,11 @@ async def bump_in_own_session(
     event["done_at"] = time.time()
 
 
-async def loaded_user(session: AsyncSession, user_id: int) -> User:
-    user = await session.get(User, user_id)
-    if user is None:
-        raise HTTPException(404, f"no user {user_id}")
-    return user
-
-
 @lab_router.post("/bg/request-session/{user_id}")
 async def bg_request_session(
     user_id: int, key: str, delay: float, session: SessionDep, background: BackgroundTasks
 ) -> dict[str, Any]:
-    user = await loaded_user(session, user_id)
+    user = await existing_user(session, user_id)
     queue_event(key)
     background.add_task(bump_with_request_session, session, user, key, delay)
     return {"login_count": user.login_count}
@@ -281,7 +273,7 @@ async def bg_request_session(
 async def bg_function_session(
     user_id: int, key: str, delay: float, session: FunctionSessionDep, background: BackgroundTasks
 ) -> dict[str, Any]:
-    user = await loaded_user(session, user_id)
+    user = await existing_user(session, user_id)
     queue_event(key)
     background.add_task(bump_with_request_session, session, user, key, delay)
     return {"login_count": user.login_count}
@@ -296,7 +288,7 @@ async def bg_own_session(
     session: FunctionSessionDep,
     background: BackgroundTasks,
 ) -> dict[str, Any]:
-    user = await loaded_user(session, user_id)
+    user = await existing_user(session, user_id)
     queue_event(key)
     background.add_task(bump_in_own_session, database(request).sessions, user_id, key, delay)
     return {"login_count": user.login_count}
@@ -311,7 +303,7 @@ async def bg_own_session_request_scope(
     session: SessionDep,
     background: BackgroundTasks,
 ) -> dict[str, Any]:
-    user = await loaded_user(session, user_id)
+    user = await existing_user(session, user_id)
     queue_event(key)
     background.add_task(bump_in_own_session, database(request).sessions, user_id, key, delay)
     return {"login_count": user.login_count}
@@ -391,13 +383,6 @@ class Server:
     def shut_down(self) -> bool:
         """Whether uvicorn logged the end of the lifespan (the engine disposed)."""
         return "Application shutdown complete." in self.log_text()
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def server_env(lab: Lab, app: str, pool_size: int, max_overflow: int) -> dict[str, str]:
@@ -533,7 +518,6 @@ class Config:
     server: Server
     levels: list[Level] = field(default_factory=list)
     peak: int = 0
-    samples: int = 0
 
 
 async def load_level(server: Server, paths: list[str], concurrency: int, requests: int) -> Level:
@@ -590,9 +574,7 @@ async def load(
 
 @dataclass
 class Variant:
-    name: str
     path: str
-    what: str
     response: int = 0
     pending_at_response: bool = False
     held_samples: list[int] = field(default_factory=list)
@@ -607,27 +589,17 @@ class Variant:
 
 
 VARIANTS = [
-    (
-        "request session (default scope)",
-        "request-session",
-        "SessionDep; the task changes the request's User and commits the request's session",
-    ),
-    (
-        "request session, Depends(scope='function')",
-        "function-session",
-        "the same task; the dependency exits before the response",
-    ),
-    (
-        "own session in the task (endpoint: scope='function')",
-        "own-session",
-        "the task opens its own session from app.state.db.sessions and updates by id",
-    ),
-    (
-        "own session in the task (endpoint: SessionDep)",
-        "own-session-request-scope",
-        "the same task; the endpoint's session in the default scope",
-    ),
+    # SessionDep; the task changes the request's User and commits the request's session
+    "request-session",
+    # the same task; Depends(scope='function'): the dependency exits before the response
+    "function-session",
+    # the task opens its own session from app.state.db.sessions and updates by id
+    # (endpoint: scope='function')
+    "own-session",
+    # the same task; the endpoint's session in the default scope (SessionDep)
+    "own-session-request-scope",
 ]
+"""The /e14/bg/{path} endpoints, in the order report_background expects them."""
 
 
 async def run_variant(
@@ -641,19 +613,19 @@ async def run_variant(
         f"/e14/bg/{variant.path}/{user_id}", params={"key": key, "delay": delay}
     )
     variant.response = response.status_code
-    event = (await client.get("/e14/state")).json()["events"].get(key, {})
+    event = await client_event(client, key)
     variant.pending_at_response = event.get("outcome") == "pending"
     deadline = time.perf_counter() + delay + BOUND
     while time.perf_counter() < deadline:
         held = await probes.backends(lab.engine, server.app, state="idle in transaction")
-        event = (await client.get("/e14/state")).json()["events"].get(key, {})
+        event = await client_event(client, key)
         if event.get("phase") not in ("queued", "waiting"):
             break
         variant.held_samples.append(held)  # taken while the task was still waiting
         await asyncio.sleep(0.02)
     while event.get("phase") != "done" and time.perf_counter() < deadline:
         await asyncio.sleep(0.02)
-        event = (await client.get("/e14/state")).json()["events"].get(key, {})
+        event = await client_event(client, key)
     variant.event = event
     settled = await probes.poll(
         lambda: checked_out_at(client), lambda n: n == 0, within=BOUND, every=0.02
@@ -671,8 +643,8 @@ async def checked_out_at(client: httpx.AsyncClient) -> int:
 async def background_tasks(lab: Lab, server: Server, delay: float) -> dict[str, Variant]:
     found: dict[str, Variant] = {}
     async with server.client() as client:
-        for name, path, what in VARIANTS:
-            variant = Variant(name, path, what)
+        for path in VARIANTS:
+            variant = Variant(path)
             await run_variant(lab, server, client, variant, delay)
             found[path] = variant
     return found
@@ -683,7 +655,6 @@ async def background_tasks(lab: Lab, server: Server, delay: float) -> dict[str, 
 
 @dataclass
 class Abandoned:
-    endpoint: str
     client_error: str = "?"
     connections_before: int = -1
     sleeping_soon_after: int = -1
@@ -704,7 +675,7 @@ async def abandon(
     lab: Lab, server: Server, endpoint: str, *, hold: float, after: float, user_id: int
 ) -> Abandoned:
     """Ask ``endpoint`` for a ``pg_sleep(hold)`` and give up after ``after`` seconds."""
-    found = Abandoned(endpoint)
+    found = Abandoned()
     found.connections_before = await probes.backends(lab.engine, server.app)
     key = f"abandoned{endpoint.replace('/', '-')}"
     async with server.client(timeout=httpx.Timeout(after)) as quitter:
@@ -945,6 +916,15 @@ def report_load(lab: Lab, configs: list[Config], requests: int, hold: float) -> 
             lab.figure(f"{where}: connections the pool opened", lv.connects, "")
 
 
+def task_saw(v: Variant) -> str:
+    """What a task that used the request's session found, did, and left in the database."""
+    transaction = "in transaction" if v.event.get("in_transaction") else "no transaction"
+    return (
+        f"{transaction}, user {v.event.get('user_state', '?')}, "
+        f"outcome {v.event.get('outcome', '?')}, login_count {v.login_count}"
+    )
+
+
 def report_background(lab: Lab, variants: dict[str, Variant], delay: float) -> None:
     reused = variants["request-session"]
     closed = variants["function-session"]
@@ -975,9 +955,7 @@ def report_background(lab: Lab, variants: dict[str, Variant], delay: float) -> N
         "request's session still in its transaction and its User persistent; changing the "
         "User and committing that session works: login_count is 1.",
         expected="in transaction, user persistent, outcome ok, login_count 1",
-        observed=f"{'in transaction' if reused.event.get('in_transaction') else 'no transaction'}"
-        f", user {reused.event.get('user_state', '?')}, outcome "
-        f"{reused.event.get('outcome', '?')}, login_count {reused.login_count}",
+        observed=task_saw(reused),
         passed=reused.event.get("in_transaction") is True
         and reused.event.get("user_state") == "persistent"
         and reused.event.get("outcome") == "ok"
@@ -990,9 +968,7 @@ def report_background(lab: Lab, variants: dict[str, Variant], delay: float) -> N
         "changing the User and committing raises nothing, but nothing is written "
         "(login_count stays 0).",
         expected="no transaction, user detached, outcome ok, login_count 0",
-        observed=f"{'in transaction' if closed.event.get('in_transaction') else 'no transaction'}"
-        f", user {closed.event.get('user_state', '?')}, outcome "
-        f"{closed.event.get('outcome', '?')}, login_count {closed.login_count}",
+        observed=task_saw(closed),
         passed=closed.event.get("in_transaction") is False
         and closed.event.get("user_state") == "detached"
         and closed.event.get("outcome") == "ok"

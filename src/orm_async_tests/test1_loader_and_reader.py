@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from .db import create_session_factory
-from .harness import Lab, describe, experiment, outcome
+from .harness import Lab, describe, experiment, one_transaction, outcome
 from .models import TrackPoint, User
 
 
@@ -65,9 +65,9 @@ async def load_users(
             await asyncio.sleep(pause)  # the reader polls in this window
             if probe is not None:
                 trace.probe_before_commit += await count_visible(probe, chunk)
-            sent = time.perf_counter()
+            # marked before the await: a reader answered from now on may see the batch
+            trace.commit_sent.update(dict.fromkeys(chunk, time.perf_counter()))
             await session.commit()
-            trace.commit_sent.update(dict.fromkeys(chunk, sent))
             if probe is not None:
                 trace.probe_after_commit += await count_visible(probe, chunk)
     finally:
@@ -100,15 +100,17 @@ async def follow_users(
         for name in names:
             deadline = time.perf_counter() + give_up_after
             while True:
-                asked = time.perf_counter()
                 found = await session.scalar(select(User.id).where(User.username == name))
+                # when the answer is in: a COMMIT sent after the SELECT was sent can still
+                # precede its snapshot, so only an answer before the COMMIT was sent is early
+                answered = time.perf_counter()
                 in_window = name in trace.flushed and name not in trace.commit_sent
                 trace.polls_in_window += in_window
                 if found is not None:
                     trace.seen_in_window += in_window
-                    trace.first_seen[name] = asked
+                    trace.first_seen[name] = answered
                     break
-                if asked > deadline:
+                if answered > deadline:
                     raise TimeoutError(f"user {name} did not appear within {give_up_after} s")
                 await asyncio.sleep(poll)
             session.add_all(
@@ -186,7 +188,11 @@ async def run(
         observed=f"{trace.probe_before_commit} visible before, {trace.probe_after_commit} after",
         passed=trace.probe_before_commit == 0 and trace.probe_after_commit == users,
     )
-    early = [n for n, seen in trace.first_seen.items() if seen < trace.commit_sent[n]]
+    early = [
+        n
+        for n, seen in trace.first_seen.items()
+        if n not in trace.commit_sent or seen < trace.commit_sent[n]
+    ]
     lab.check(
         "the reader acted on committed users only",
         "The reader found each user only after the loader had sent that batch's COMMIT, "
@@ -271,8 +277,3 @@ async def share_one_session(lab: Lab, names: list[str]) -> dict[str, SharedOutco
         )
         await engine.dispose()
     return found
-
-
-async def one_transaction(sessions: async_sessionmaker[AsyncSession]) -> None:
-    async with sessions.begin() as session:
-        await session.execute(select(1))

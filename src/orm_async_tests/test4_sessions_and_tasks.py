@@ -41,40 +41,30 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
     async_scoped_session,
-    async_sessionmaker,
 )
 
 from . import probes
 from .capture import Captured, captured, manual_gc
 from .db import create_session_factory
-from .harness import Lab, describe, experiment, outcome
+from .harness import Lab, describe, experiment, one_transaction, outcome
 from .probes import checked_out
 
 POOL_TIMEOUT = 0.5  # seconds a checkout waits on the misuse engines: bounds "next use"
 WAIT_BOUND = 10.0  # upper bound for any wait on the server or on a task
 
 
-def sleep_query(seconds: float) -> Any:
-    """``SELECT pg_backend_pid() FROM pg_sleep(:s)``: sleeps, then says which backend ran it."""
-    return select(func.pg_backend_pid()).select_from(func.pg_sleep(seconds))
-
-
 async def sleep_in(session: AsyncSession, seconds: float) -> int:
-    pid = await session.scalar(sleep_query(seconds))
+    """``SELECT pg_backend_pid() FROM pg_sleep(:s)``: sleeps, then says which backend ran it."""
+    pid = await session.scalar(select(func.pg_backend_pid()).select_from(func.pg_sleep(seconds)))
     return int(pid or 0)
-
-
-async def one_transaction(sessions: async_sessionmaker[AsyncSession]) -> None:
-    async with sessions.begin() as session:
-        await session.execute(select(1))
 
 
 async def sleeping_on_server(lab: Lab, app: str) -> bool:
@@ -85,9 +75,17 @@ async def sleeping_on_server(lab: Lab, app: str) -> bool:
     return found.held
 
 
-def peak_sleepers(lab: Lab, app: str) -> probes.Peak:
-    """Sample how many of ``app``'s backends run pg_sleep at the same moment, until stopped."""
-    return probes.Peak(lambda: probes.sleepers(lab.engine, app), within=WAIT_BOUND, every=0.005)
+async def gather_sleeps(
+    lab: Lab, app: str, sleeps: Iterable[Awaitable[int]]
+) -> tuple[list[int | BaseException], float, int]:
+    """Gather ``sleeps`` (bounded, exceptions returned): their results, the wall time, and
+    the peak number of ``app``'s backends in pg_sleep at the same moment meanwhile."""
+    sampler = probes.Peak(lambda: probes.sleepers(lab.engine, app), within=WAIT_BOUND, every=0.005)
+    started = time.perf_counter()
+    async with asyncio.timeout(WAIT_BOUND):
+        results = await asyncio.gather(*sleeps, return_exceptions=True)
+    wall = time.perf_counter() - started
+    return results, wall, await sampler.stop()
 
 
 def misuse_engine(lab: Lab, name: str, pool_size: int = 1) -> tuple[AsyncEngine, str]:
@@ -138,14 +136,9 @@ async def shared_session_reads(lab: Lab, tasks: int, sleep: float) -> None:
         async with sessions() as session:
             if variant == "holding":
                 await session.execute(select(1))
-            sampler = peak_sleepers(lab, app)
-            started = time.perf_counter()
-            async with asyncio.timeout(WAIT_BOUND):
-                results = await asyncio.gather(
-                    *(sleep_in(session, sleep) for _ in range(tasks)), return_exceptions=True
-                )
-            wall = time.perf_counter() - started
-            peak = await sampler.stop()
+            results, wall, peak = await gather_sleeps(
+                lab, app, (sleep_in(session, sleep) for _ in range(tasks))
+            )
         found[variant] = SharedReads(
             ["ok" if isinstance(r, int) else describe(r) for r in results],
             {r for r in results if isinstance(r, int)},
@@ -427,14 +420,7 @@ async def session_per_task(lab: Lab, tasks: int, sleep: float) -> None:
             await ready.wait()  # so that all the sleeps are sent together
             return await sleep_in(session, sleep)
 
-    sampler = peak_sleepers(lab, app)
-    started = time.perf_counter()
-    async with asyncio.timeout(WAIT_BOUND):
-        results = await asyncio.gather(
-            *(own_session() for _ in range(tasks)), return_exceptions=True
-        )
-    parallel = time.perf_counter() - started
-    peak = await sampler.stop()
+    results, parallel, peak = await gather_sleeps(lab, app, (own_session() for _ in range(tasks)))
 
     started = time.perf_counter()
     async with sessions() as session, asyncio.timeout(WAIT_BOUND):

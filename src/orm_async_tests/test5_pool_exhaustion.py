@@ -40,6 +40,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import exc, text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -179,13 +180,11 @@ async def run(
     session, and what happens to a session never closed and an engine never disposed?"""
     if hold <= pool_timeout:
         raise ValueError("hold must exceed pool_timeout, or waiting sessions get a connection")
-    limit = pool_size + max_overflow
     children = asyncio.create_task(never_disposed(lab))  # child processes run meanwhile
     try:
         await exhaust_and_bound(
             lab,
             tasks=tasks,
-            limit=limit,
             hold=hold,
             pool_size=pool_size,
             max_overflow=max_overflow,
@@ -204,13 +203,17 @@ async def exhaust_and_bound(
     lab: Lab,
     *,
     tasks: int,
-    limit: int,
     hold: float,
     pool_size: int,
     max_overflow: int,
     pool_timeout: float,
 ) -> None:
-    sizes = {"pool_size": pool_size, "max_overflow": max_overflow, "pool_timeout": pool_timeout}
+    limit = pool_size + max_overflow
+    sizes: dict[str, Any] = {
+        "pool_size": pool_size,
+        "max_overflow": max_overflow,
+        "pool_timeout": pool_timeout,
+    }
     exhausted_app = f"{lab.tag}exhaust"
     exhausted = lab.engine_with(application_name=exhausted_app, **sizes)
     flood = await run_load(lab, exhausted, exhausted_app, tasks=tasks, hold=hold, gate=None)

@@ -47,7 +47,6 @@ autocommit).
 from __future__ import annotations
 
 import asyncio
-import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -56,6 +55,7 @@ from sqlalchemy import func, inspect, select, text, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from .capture import captured
 from .db import create_session_factory
 from .harness import Lab, describe, experiment, first_line, outcome, sqlstate
 from .models import User, UserStatus
@@ -312,11 +312,10 @@ async def levels(lab: Lab) -> None:
     # too late: the transaction has already begun
     async with sessions() as session:
         await session.execute(select(1))
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with captured(collect=False) as got:
             await session.connection(execution_options={"isolation_level": SERIALIZABLE})
         late = str(await session.scalar(text("SHOW transaction_isolation")))
-    messages = [str(w.message) for w in caught]
+    messages = [str(w.message) for w in got.caught]
     lab.check(
         "asking for a level after the first statement is ignored (a warning)",
         "Once the session's transaction has used the connection, "

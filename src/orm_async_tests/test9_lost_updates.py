@@ -23,11 +23,10 @@ job is processed exactly once and the workers never wait for each other, while
 the same loop with a plain ``FOR UPDATE`` has the workers queue on one row lock.
 
 Every connection of this experiment's engine carries ``lock_timeout`` and
-``statement_timeout``, set in the pool's ``connect`` event in autocommit (set
-inside the driver's implicit transaction, they would last for the first
-checkout only: the pool's reset ROLLBACK undoes them; the run re-reads
-``lock_timeout`` after a reset and stops if it is not in effect). No lock wait
-can hang the run.
+``statement_timeout`` as startup settings (a ``SET`` inside the driver's implicit
+transaction would last for the first checkout only: the pool's reset ROLLBACK
+undoes it; the run re-reads ``lock_timeout`` after a reset and stops if it is not
+in effect). No lock wait can hang the run.
 
 Sources:
 - SQLAlchemy ORM docs, "Configuring a Version Counter" (``version_id_col``: the
@@ -65,9 +64,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
 
-from sqlalchemy import event, insert, select, text, update
+from sqlalchemy import insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 
@@ -93,23 +91,18 @@ ROW_LOCK_WAITS = frozenset({"transactionid", "tuple"})
 def contention_engine(lab: Lab, size: int) -> AsyncEngine:
     """An engine of ``size`` connections (no overflow) whose lock waits are bounded.
 
-    ``lock_timeout`` / ``statement_timeout`` are set per connection when it is
-    opened, in autocommit: inside a transaction the pool's reset ROLLBACK would
-    undo them. Its connections carry ``application_name = lab.tag``.
+    ``lock_timeout`` / ``statement_timeout`` are startup settings of each connection
+    (``server_settings``): a ``SET`` inside the driver's implicit transaction would be
+    undone by the pool's reset ROLLBACK. Its connections carry ``application_name =
+    lab.tag``.
     """
-    engine = lab.engine_with(pool_size=size, max_overflow=0, pool_timeout=30, pool_pre_ping=False)
-
-    @event.listens_for(engine.sync_engine, "connect")
-    def bound_waits(dbapi_connection: Any, record: Any) -> None:
-        autocommit = dbapi_connection.autocommit
-        dbapi_connection.autocommit = True
-        cursor = dbapi_connection.cursor()
-        cursor.execute(f"SET lock_timeout = '{LOCK_TIMEOUT}'")
-        cursor.execute(f"SET statement_timeout = '{STATEMENT_TIMEOUT}'")
-        cursor.close()
-        dbapi_connection.autocommit = autocommit
-
-    return engine
+    return lab.engine_with(
+        pool_size=size,
+        max_overflow=0,
+        pool_timeout=30,
+        pool_pre_ping=False,
+        server_settings={"lock_timeout": LOCK_TIMEOUT, "statement_timeout": STATEMENT_TIMEOUT},
+    )
 
 
 @dataclass
@@ -448,23 +441,19 @@ async def run(
         }
 
     finals: dict[str, int] = {}
-    waits: dict[str, LockWaits] = {}
     errors: dict[str, list[str]] = {}
     atomic_sql: list[str] = []
+    locked = LockWaits()  # the lock waits of the "for update" variant
     for name, increment in variants.items():
         async with AsyncExitStack() as stack:  # statements / lock waits only where checked
             sent = stack.enter_context(lab.statements(engine)) if name == "atomic update" else []
-            seen = (
-                await stack.enter_async_context(watching_lock_waits(lab))
-                if name == "for update"
-                else LockWaits()
-            )
+            if name == "for update":
+                locked = await stack.enter_async_context(watching_lock_waits(lab))
             started = time.perf_counter()
             one = partial(increment, sessions, ids[name], pause)
             errors[name] = await run_concurrently(increments, concurrency, one)
             lab.figure(f"{name}: {increments} increments", time.perf_counter() - started, "s")
         atomic_sql += [s for s in sent if s.startswith("UPDATE users")]
-        waits[name] = seen
         finals[name] = await counter_value(lab, ids[name])
 
     lost = increments - finals["naive"]
@@ -478,7 +467,6 @@ async def run(
         observed=f"{finals['naive']} ({lost} lost)",
         passed=finals["naive"] < increments,
     )
-    locked = waits["for update"]
     lab.figure("for update: most backends waiting on the row lock", locked.most, "backends")
     lab.check(
         "with_for_update(): exact, tasks queue on the row lock",

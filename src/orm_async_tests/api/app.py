@@ -53,6 +53,8 @@ async def session_dependency(request: Request) -> AsyncIterator[AsyncSession]:
 
 
 SessionDep = Annotated[AsyncSession, Depends(session_dependency)]
+UserId = Annotated[int, Path(ge=1, le=2**63 - 1)]
+"""A user id in a path: a positive bigint (a larger one is a 422, not a database error)."""
 PROBLEMS: dict[int | str, dict[str, Any]] = {
     404: {"model": Problem},
     409: {"model": Problem},
@@ -87,7 +89,7 @@ async def list_users(
 
 
 @router.get("/users/{user_id}", response_model=UserOut, responses=PROBLEMS)
-async def get_user(user_id: Annotated[int, Path(ge=1, le=2**63 - 1)], session: SessionDep) -> User:
+async def get_user(user_id: UserId, session: SessionDep) -> User:
     return await existing_user(session, user_id)
 
 
@@ -95,7 +97,7 @@ async def get_user(user_id: Annotated[int, Path(ge=1, le=2**63 - 1)], session: S
     "/users/{user_id}/track-points", status_code=201, response_model=Inserted, responses=PROBLEMS
 )
 async def add_track_points(
-    user_id: Annotated[int, Path(ge=1, le=2**63 - 1)],
+    user_id: UserId,
     points: Annotated[list[TrackPointIn], Body(max_length=MAX_POINTS_PER_REQUEST)],
     session: SessionDep,
 ) -> Inserted:
@@ -111,7 +113,7 @@ async def add_track_points(
 
 @router.get("/users/{user_id}/track-points", response_model=TrackPointPage, responses=PROBLEMS)
 async def list_track_points(
-    user_id: Annotated[int, Path(ge=1, le=2**63 - 1)],
+    user_id: UserId,
     session: SessionDep,
     after: Annotated[int, Query(ge=0, le=2**63 - 1, description="last id seen")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,

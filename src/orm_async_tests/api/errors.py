@@ -42,7 +42,7 @@ def status_and_detail(exc: BaseException, request: Request) -> tuple[int, str]:
         return 503, f"database unavailable: {line}"
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return 503, f"database connection lost: {server_message(exc)}"
-    if isinstance(exc, OSError | TimeoutError):
+    if isinstance(exc, OSError):  # TimeoutError included
         return 503, f"database unavailable: {type(exc).__name__}"
     return 500, "internal error (see the server log)"
 
@@ -70,5 +70,7 @@ def install(app: FastAPI) -> None:
             return JSONResponse({"detail": body}, status_code=status)
         return JSONResponse({"detail": detail}, status_code=status)
 
-    for kind in (SQLAlchemyError, OSError, TimeoutError, Exception):
+    # the specific classes are handled in place; Exception alone goes to Starlette's
+    # ServerErrorMiddleware, which answers and then re-raises (TimeoutError is an OSError)
+    for kind in (SQLAlchemyError, OSError, Exception):
         app.add_exception_handler(kind, handle)

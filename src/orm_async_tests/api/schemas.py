@@ -16,14 +16,13 @@ Text = Annotated[str, StringConstraints(max_length=200, pattern=r"^[^\x00]*$")]
 Key = Annotated[str, StringConstraints(max_length=64, pattern=r"^[^\x00]*$")]
 Scalar = Text | int | float | bool | None
 MAX_POINTS_PER_REQUEST = 10_000
-ID = Annotated[int, Field(ge=1, le=2**63 - 1)]
 
 
 class UserIn(BaseModel):
     username: Username
-    profile: dict[
-        Annotated[str, StringConstraints(max_length=64, pattern=r"^[^\x00]*$")], Scalar
-    ] = Field(default_factory=dict, max_length=50, description="A flat map of scalars (JSONB)")
+    profile: dict[Key, Scalar] = Field(
+        default_factory=dict, max_length=50, description="A flat map of scalars (JSONB)"
+    )
     tags: list[
         Annotated[str, StringConstraints(min_length=1, max_length=32, pattern=r"^[^\x00]*$")]
     ] = Field(default_factory=list, max_length=20)
