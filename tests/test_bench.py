@@ -9,14 +9,21 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select, text, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from orm_async_tests import cli
 from orm_async_tests.bench import missing_modules
+from orm_async_tests.bench.cases import Environment, Implementation
 from orm_async_tests.bench.connect import server_params
+from orm_async_tests.bench.dataset import QUICK_SIZES, Dataset, users
+from orm_async_tests.bench.operations import OPERATIONS, Update
+from orm_async_tests.bench.runner import QUICK_PLAN, Cell, run_group
 from orm_async_tests.bench.stats import DASH, TIMES, geomean, number, ratio, summarize, times
 from orm_async_tests.db import Database, Target
 from orm_async_tests.models import User
@@ -77,38 +84,43 @@ async def test_quick_bench_gives_every_cell_a_number(database: Database, tmp_pat
     assert left == 0
 
 
-@needs_bench_group
+class OnTheTestEngine(Implementation[AsyncConnection]):
+    """Cases on a connection of the test database's own engine (nothing to open or close)."""
+
+    label = "test"
+
+    def __init__(self, key: str, engine: AsyncEngine) -> None:
+        super().__init__()
+        self.key = key  # type: ignore[misc]
+        self.engine = engine
+
+    async def open(self, env: Environment) -> None:
+        pass
+
+    def task(self) -> AbstractAsyncContextManager[AsyncConnection]:
+        return self.engine.connect()
+
+    async def close(self) -> None:
+        pass
+
+
+async def run_one_group(
+    database: Database, impls: list[OnTheTestEngine], operation: str
+) -> list[Cell]:
+    data = Dataset(database, QUICK_SIZES)
+    await data.seed(writers=2)
+    try:
+        return await run_group(impls, OPERATIONS[operation], 2, data, QUICK_PLAN)
+    finally:
+        await data.drop()
+
+
 async def test_a_wrong_or_failing_pattern_gets_no_number(database: Database) -> None:
     """A case whose results are wrong, or that raises, fails its cell and is never timed."""
-    from contextlib import AbstractAsyncContextManager
-    from typing import Any
-
-    from sqlalchemy import bindparam
-    from sqlalchemy.ext.asyncio import AsyncConnection
-
-    from orm_async_tests.bench.cases import Environment, Implementation
-    from orm_async_tests.bench.dataset import QUICK_SIZES, Dataset, users
-    from orm_async_tests.bench.operations import OPERATIONS
-    from orm_async_tests.bench.runner import QUICK_PLAN, run_group
-
-    class OnTheTestEngine(Implementation[AsyncConnection]):
-        label = "test"
-
-        def __init__(self, key: str) -> None:
-            super().__init__()
-            self.key = key  # type: ignore[misc]
-
-        async def open(self, env: Environment) -> None:
-            pass
-
-        def task(self) -> AbstractAsyncContextManager[AsyncConnection]:
-            return database.engine.connect()
-
-        async def close(self) -> None:
-            pass
-
     get_user = select(users).where(users.c.id == bindparam("b_id"))
-    right, wrong, raising = (OnTheTestEngine(k) for k in ("right", "wrong", "raising"))
+    right, wrong, raising = (
+        OnTheTestEngine(k, database.engine) for k in ("right", "wrong", "raising")
+    )
 
     @right.case("get_by_pk")
     async def get(conn: AsyncConnection, user_id: int) -> Any:
@@ -125,15 +137,7 @@ async def test_a_wrong_or_failing_pattern_gets_no_number(database: Database) -> 
         """Reads a user that does not exist."""
         return (await conn.execute(get_user, {"b_id": -user_id})).one()
 
-    data = Dataset(database, QUICK_SIZES)
-    await data.seed(writers=2)
-    try:
-        cells = await run_group(
-            [right, wrong, raising], OPERATIONS["get_by_pk"], 2, data, QUICK_PLAN
-        )
-    finally:
-        await data.drop()
-    ok, bad, broken = cells
+    ok, bad, broken = await run_one_group(database, [right, wrong, raising], "get_by_pk")
     assert ok.error is None
     assert ok.summary is not None
     assert len(ok.samples) == QUICK_PLAN.repeats
@@ -144,6 +148,36 @@ async def test_a_wrong_or_failing_pattern_gets_no_number(database: Database) -> 
     assert broken.summary is None
     assert broken.error is not None
     assert broken.error.startswith("NoResultFound: ")
+
+
+async def test_an_update_that_leaves_updated_at_fails_after_one_that_moved_it(
+    database: Database,
+) -> None:
+    """Each cell's check sees its own writes: an earlier cell's ``updated_at`` does not count."""
+    moving, stale = (OnTheTestEngine(k, database.engine) for k in ("moving", "stale"))
+
+    @moving.case("update_partial")
+    async def update_both(conn: AsyncConnection, item: Update) -> None:
+        """Core UPDATE: ``onupdate`` sets updated_at."""
+        await conn.execute(
+            update(users).where(users.c.id == item.user_id).values(login_count=item.login_count)
+        )
+        await conn.commit()
+
+    @stale.case("update_partial")
+    async def update_count(conn: AsyncConnection, item: Update) -> None:
+        """SQL text: login_count only, updated_at left as it was."""
+        await conn.execute(
+            text("UPDATE users SET login_count = :n WHERE id = :id"),
+            {"n": item.login_count, "id": item.user_id},
+        )
+        await conn.commit()
+
+    ok, bad = await run_one_group(database, [moving, stale], "update_partial")
+    assert ok.error is None
+    assert bad.error is not None
+    assert bad.error.startswith("check failed: user ")
+    assert "updated_at moved: False" in bad.error
 
 
 def test_summary_is_median_min_max() -> None:

@@ -26,7 +26,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
-from ..db import Database
+from ..db import Database, open_database
 
 H = TypeVar("H")
 CaseFn = Callable[[H, Any], Awaitable[Any]]
@@ -41,6 +41,20 @@ class Environment:
     pool_size: int
     """Connections each implementation keeps: the highest concurrency of the run."""
     application_name: str = "orm-async-tests-bench"
+
+    def open_database(self, **engine_overrides: Any) -> Database:
+        """The project's engine and session factory on the run's server, for a SQLAlchemy
+        column: ``pool_size`` connections, no overflow, no pre-ping (SQLAlchemy's default;
+        neither the asyncpg pool nor Tortoise pings either)."""
+        return open_database(
+            self.db.settings,
+            target=self.db.target,
+            application_name=self.application_name,
+            pool_size=self.pool_size,
+            max_overflow=0,
+            pool_pre_ping=False,
+            **engine_overrides,
+        )
 
 
 @dataclass(frozen=True)

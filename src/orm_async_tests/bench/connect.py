@@ -44,8 +44,9 @@ class ServerParams:
             found["search_path"] = self.schema
         return found
 
-    def asyncpg_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``asyncpg.connect`` / ``asyncpg.create_pool``."""
+    def _connection(self) -> dict[str, Any]:
+        """What asyncpg and Tortoise's asyncpg backend take alike (Tortoise passes
+        ``timeout`` and ``ssl`` on to ``asyncpg.create_pool``)."""
         found: dict[str, Any] = {
             "host": self.host,
             "port": self.port,
@@ -53,29 +54,24 @@ class ServerParams:
             "password": self.password,
             "database": self.database,
             "timeout": self.timeout,
-            "server_settings": self.server_settings(),
         }
         if self.ssl:
             found["ssl"] = self.ssl
         return found
 
+    def asyncpg_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``asyncpg.connect`` / ``asyncpg.create_pool``."""
+        return {**self._connection(), "server_settings": self.server_settings()}
+
     def tortoise_credentials(self, pool_size: int) -> dict[str, Any]:
         """The ``credentials`` of a ``tortoise.backends.asyncpg`` connection."""
-        found: dict[str, Any] = {
-            "host": self.host,
-            "port": self.port,
-            "user": self.user,
-            "password": self.password,
-            "database": self.database,
+        return {
+            **self._connection(),
             "schema": self.schema,  # Tortoise puts it on the search_path
             "application_name": self.application_name,
             "minsize": pool_size,
             "maxsize": pool_size,
-            "timeout": self.timeout,  # passed on to asyncpg.create_pool
         }
-        if self.ssl:
-            found["ssl"] = self.ssl  # likewise
-        return found
 
 
 def server_params(target: Target, settings: Settings, application_name: str) -> ServerParams:

@@ -11,7 +11,8 @@ What :meth:`Dataset.seed` creates (sizes from :class:`Sizes`):
   keys of *get by primary key*; the first ``parents`` of them have ``children``
   track points each (*small filter*, *relationship load*);
 - one user ``<tag>big`` with ``large`` track points (*large filter*, *tuples*);
-- ``update_users`` users ``<tag>u…`` that *partial update* rewrites;
+- ``update_users`` users ``<tag>u…`` that *partial update* rewrites (their
+  ``updated_at`` set back to ``created_at`` before each run);
 - one writer user per task (``<tag>w<t>``) that *batch* and *bulk insert* add
   track points to (one per task, so concurrent inserts never share a parent row's
   key-share lock), and a user ``<tag>d`` whose points *delete* removes.
@@ -30,10 +31,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Table, delete, func, insert, select, text
+from sqlalchemy import Table, delete, func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..db import Database
+from ..harness import delete_tagged
 from ..models import TrackPoint, User
 
 START = datetime(2024, 6, 1, tzinfo=UTC)
@@ -162,8 +164,7 @@ class Dataset:
 
     async def drop(self) -> None:
         """Delete every user of the run (and so every point): the run leaves nothing behind."""
-        async with self.db.engine.begin() as conn:
-            await conn.execute(delete(users).where(users.c.username.startswith(self.tag)))
+        await delete_tagged(self.db.sessions, self.tag)
 
     # -- what the write operations leave, and how to clear it ------------------------
 
@@ -171,6 +172,16 @@ class Dataset:
         """Remove the users *single insert* created (``<tag>n…``)."""
         async with self.db.engine.begin() as conn:
             await conn.execute(delete(users).where(users.c.username.startswith(f"{self.tag}n")))
+
+    async def unmove_updated_at(self, user_ids: Sequence[int]) -> None:
+        """``updated_at = created_at`` again (as seeded) for these users where it moved."""
+        stmt = (
+            update(users)
+            .where(users.c.id.in_(user_ids), users.c.updated_at != users.c.created_at)
+            .values(updated_at=users.c.created_at)
+        )
+        async with self.db.engine.begin() as conn:
+            await conn.execute(stmt)
 
     async def clear_points(self, user_ids: Sequence[int]) -> None:
         async with self.db.engine.begin() as conn:

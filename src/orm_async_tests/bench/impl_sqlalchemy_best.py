@@ -91,7 +91,7 @@ from sqlalchemy import delete as sa_delete
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from ..db import Database, open_database
+from ..db import Database
 from .cases import Environment, Implementation
 from .dataset import Row as PointRow
 from .dataset import points, users
@@ -108,15 +108,7 @@ class SqlalchemyBest(Implementation[AsyncConnection]):
         self.autocommit: AsyncEngine | None = None
 
     async def open(self, env: Environment) -> None:
-        self.db = open_database(
-            env.db.settings,
-            target=env.db.target,
-            application_name=env.application_name,
-            pool_size=env.pool_size,
-            max_overflow=0,
-            pool_pre_ping=False,
-            pool_use_lifo=True,
-        )
+        self.db = env.open_database(pool_use_lifo=True)
         self.autocommit = self.db.engine.execution_options(isolation_level="AUTOCOMMIT")
 
     @asynccontextmanager

@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
-from ..db import Database, open_database
+from ..db import Database
 from ..models import TrackPoint, User
 from .cases import Environment, Implementation
 from .dataset import Row
@@ -36,14 +36,7 @@ class SqlalchemyNaive(Implementation[AsyncSession]):
         self.db: Database | None = None
 
     async def open(self, env: Environment) -> None:
-        self.db = open_database(
-            env.db.settings,
-            target=env.db.target,
-            application_name=env.application_name,
-            pool_size=env.pool_size,
-            max_overflow=0,
-            pool_pre_ping=False,
-        )
+        self.db = env.open_database()
 
     @asynccontextmanager
     async def task(self) -> AsyncIterator[AsyncSession]:

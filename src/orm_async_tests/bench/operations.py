@@ -303,6 +303,11 @@ class UpdatePartial(Operation):
         ]
         return first_problems(problems)
 
+    async def reset(self, data: Dataset) -> None:
+        # updated_at back to created_at: the check then sees whether THIS cell's ops
+        # moved it, not an earlier cell's
+        await data.unmove_updated_at(data.update_ids)
+
 
 @operation
 class Delete(Operation):

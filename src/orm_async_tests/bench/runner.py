@@ -36,7 +36,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import first_line
+from ..harness import describe
 from .cases import Case, Implementation
 from .dataset import Dataset
 from .operations import Operation
@@ -213,4 +213,4 @@ def _describe(exc: BaseException) -> str:
     """The first leaf of an exception group (what a task raised), as one line."""
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
-    return f"{type(exc).__name__}: {first_line(exc)}"
+    return describe(exc)
