@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
+import sys
+
 import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -62,11 +66,31 @@ def test_connect_args_per_driver() -> None:
     )
 
 
-def test_embedded_server_is_reused_not_restarted(target: Target) -> None:
-    """A second ensure_server() for the same directory finds the running server."""
+async def test_embedded_server_is_reused_not_restarted(target: Target, database: Database) -> None:
+    """Another process asking for the same data directory (``poetry run test1`` beside
+    ``alembic``) finds the running server: same socket, same postmaster start time, and
+    the server outlives that process."""
     if target.embedded is None:
         pytest.skip("DATABASE_URL is set: this run has no embedded server")
-    again = ensure_server(target.embedded.data_dir, throwaway=True)
-    assert again is target.embedded
+    assert ensure_server(target.embedded.data_dir, throwaway=True) is target.embedded
     assert target.url.query["host"] == str(target.embedded.socket_dir)
     assert target.describe().startswith("embedded PostgreSQL in ")
+    started = text("SELECT pg_postmaster_start_time()")
+    async with database.engine.connect() as conn:
+        before = await conn.scalar(started)
+    child = (
+        "import sys; from pathlib import Path; from orm_async_tests.embedded import ensure_server;"
+        "print(ensure_server(Path(sys.argv[1]), throwaway=True).socket_dir)"
+    )
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", child, str(target.embedded.data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, str(target.embedded.socket_dir))
+    async with database.engine.connect() as conn:
+        after = await conn.scalar(started)
+    assert after == before

@@ -38,10 +38,9 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from sqlalchemy import delete, event, select, text
-from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from .db import Database, Target, create_engine
+from .db import Database, create_engine
 from .errors import first_line as first_line  # re-exported: the experiments' toolbox
 from .errors import sqlstate as sqlstate
 from .models import Group, Job, User
@@ -149,16 +148,15 @@ class Lab:
     def note(self, text: str) -> None:
         self.notes.append(text)
 
-    def engine_with(self, *, url: URL | None = None, **overrides: Any) -> AsyncEngine:
-        """Another engine with some options changed (see :func:`.db.create_engine`);
-        disposed after the run. On the same server unless ``url`` says otherwise.
+    def engine_with(self, **overrides: Any) -> AsyncEngine:
+        """Another engine on the same server with some options changed (see
+        :func:`.db.create_engine`); disposed after the run.
 
         Its connections carry ``application_name`` = :attr:`tag` unless told
         otherwise, so ``pg_stat_activity`` counts this run's connections only.
         """
         overrides.setdefault("application_name", self.tag)
-        target = self.db.target if url is None else Target(url)
-        engine = create_engine(self.db.settings, target, **overrides)
+        engine = create_engine(self.db.settings, self.db.target, **overrides)
         self._engines.append(engine)
         return engine
 
