@@ -216,7 +216,9 @@ def test_fuzz_no_server_errors(fuzz_app: FastAPI) -> None:
     assert len(set(calls)) == len(operations) == 7  # every operation was exercised
 
 
-async def test_real_uvicorn_serves_openapi_and_requests(test_env: dict[str, str]) -> None:
+async def test_real_uvicorn_serves_openapi_and_requests(
+    database: Database,  # the run's schema, migrated: an external server is not migrated for us
+) -> None:
     """`poetry run api` as a user starts it: a real server on a free loopback port."""
     port = free_port()
     server = await asyncio.create_subprocess_exec(

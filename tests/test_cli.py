@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 from orm_async_tests.cli import discover
+from orm_async_tests.db import Database
 
 from .commands import SCRIPTS, run_command
 
@@ -46,7 +47,9 @@ def test_run_needs_numbers_or_all() -> None:
     assert "no experiment 999" in unknown.err
 
 
-async def test_script_prints_a_findings_table(test_env: dict[str, str]) -> None:
+async def test_script_prints_a_findings_table(database: Database) -> None:
+    """`poetry run test1` in the run's migrated schema (`database`: on an external server
+    nothing migrates it for the child process)."""
     ran = await asyncio.to_thread(run_command, "test1", "--users", "40", "--batch", "10")
     assert ran.code == 0, ran.text
     assert "Question:" in ran.out
