@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from orm_async_tests.harness import environment
+from orm_async_tests.lab.env import environment
 
 SCRIPTS = Path(sys.executable).parent
 

@@ -24,7 +24,7 @@ from orm_async_tests.api import create_app
 from orm_async_tests.api.app import session_dependency
 from orm_async_tests.api.errors import status_and_detail
 from orm_async_tests.db import Database, Target, open_database
-from orm_async_tests.harness import environment, free_port
+from orm_async_tests.lab.env import environment, free_port
 from orm_async_tests.probes import checked_out
 from orm_async_tests.settings import Settings
 

@@ -1,4 +1,6 @@
-"""Experiment 3: server defaults, timestamps and implicit IO (the seed's third script).
+"""Which server-generated values (created_at, updated_at, defaults) are loaded after a
+flush, which are expired, and what happens when async code reads an expired attribute —
+and which fixes work?
 
 ``created_at``/``updated_at`` come from the server (``server_default=now()``),
 and ``updated_at`` is set again by every ORM/Core UPDATE (``onupdate=now()``).
@@ -18,15 +20,24 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import exc, func, inspect, select, text, update
 from sqlalchemy.orm import DeclarativeBase, Mapped
 
-from .db import create_session_factory
-from .harness import Lab, experiment
+from .lab import Lab, at_least, contains, experiment
 from .models import User
+
+
+@dataclass(frozen=True)
+class Sizes:
+    pause: float = 0.05
+    """Seconds between BEGIN and the INSERT, and between transactions."""
+
+
+run = experiment(3, "Server defaults, timestamps and implicit IO", Sizes)
 
 
 class _EagerRegistry(DeclarativeBase):
@@ -45,10 +56,6 @@ class EagerUser(_EagerRegistry):
     updated_at: Mapped[datetime]
 
 
-def seconds_between(earlier: datetime | None, later: datetime) -> str:
-    return "?" if earlier is None else f"{(later - earlier).total_seconds():.3f} s"
-
-
 def attempt(read: Callable[[], Any]) -> str:
     """Read an attribute synchronously; say what came back or what was raised."""
     try:
@@ -58,94 +65,133 @@ def attempt(read: Callable[[], Any]) -> str:
     return f"value {value!r}"
 
 
-@experiment(3, "Server defaults, timestamps and implicit IO")
-async def run(lab: Lab, *, pause: float = 0.05) -> None:
-    """Which server-generated values (created_at, updated_at, defaults) are loaded after
-    a flush, which are expired, and what happens when async code reads an expired
-    attribute — and which fixes work?"""
-    # INSERT: eager_defaults="auto" fetches server defaults with RETURNING
+def seconds(earlier: datetime | None, later: datetime | None) -> float:
+    """``later - earlier`` in seconds (``nan`` when either is missing)."""
+    if earlier is None or later is None:
+        return float("nan")
+    return (later - earlier).total_seconds()
+
+
+def returning(statement: str) -> str:
+    """What a statement's RETURNING clause lists ("" without one)."""
+    return statement.partition(" RETURNING ")[2]
+
+
+async def committed_user(lab: Lab[Sizes], name: str) -> User:
+    async with lab.sessions.begin() as session:
+        user = User(username=lab.name(name))
+        session.add(user)
+    return user
+
+
+@run.scenario
+async def insert_returns_server_defaults(lab: Lab[Sizes]) -> None:
+    """BEGIN, pause, INSERT a user (eager_defaults="auto"), then rename it in the same
+    transaction: what the INSERT brought back, and what now() means."""
     async with lab.sessions() as session:
         transaction_now = await session.scalar(select(func.now()))  # BEGIN happens here
-        await asyncio.sleep(pause)
-        user = User(username=f"{lab.tag}ada")
+        await asyncio.sleep(lab.sizes.pause)
+        user = User(username=lab.name("ada"))
         session.add(user)
         with lab.statements() as sent:
             await session.flush()
         insert_clock = await session.scalar(select(func.clock_timestamp()))
-        returns_created_at = "created_at" in sent[-1].partition("RETURNING")[2]
-        unloaded = sorted(
-            inspect(user).unloaded & {"created_at", "updated_at", "status", "profile"}
-        )
+        unloaded = inspect(user).unloaded & {"created_at", "updated_at", "status", "profile"}
         lab.check(
             "INSERT returns server defaults",
             "With the default eager_defaults='auto', the INSERT itself fetches the "
             "server-generated columns with RETURNING: they are readable right after the flush, "
             "with no extra SELECT.",
-            expected="1 statement: INSERT ... RETURNING ... created_at; none unloaded",
-            observed=f"{len(sent)} statement(s), RETURNING created_at: "
-            f"{returns_created_at}; unloaded: {unloaded or 'none'}",
-            passed=len(sent) == 1 and returns_created_at and not unloaded,
+            expected={
+                "statements": 1,
+                "RETURNING lists": contains("created_at"),
+                "unloaded": set(),
+            },
+            observed={
+                "statements": len(sent),
+                "RETURNING lists": returning(sent[-1]),
+                "unloaded": unloaded,
+            },
         )
         lab.check(
             "created_at is the transaction's now()",
             "server_default=now() is PostgreSQL's transaction start time, not the moment "
             "of the INSERT: with a pause between BEGIN and INSERT, created_at equals the "
-            "transaction's now() and lies before the INSERT's clock_timestamp().",
-            expected="created_at == now() < clock_timestamp() after the INSERT",
-            observed=f"== now(): {user.created_at == transaction_now}; before the INSERT by "
-            f"{seconds_between(user.created_at, insert_clock) if insert_clock else '?'}",
-            passed=user.created_at == transaction_now
-            and insert_clock is not None
-            and user.created_at < insert_clock,
+            "transaction's now() and lies before the INSERT's clock_timestamp() by about "
+            "the pause.",
+            expected={
+                "created_at == now()": True,
+                "seconds before the INSERT's clock": at_least(lab.sizes.pause),
+            },
+            observed={
+                "created_at == now()": user.created_at == transaction_now,
+                "seconds before the INSERT's clock": seconds(user.created_at, insert_clock),
+            },
         )
-        user.username = f"{lab.tag}ada-renamed"
+        user.username = lab.name("ada-renamed")
         await session.flush()
-        first_updated = await session.scalar(select(User.updated_at).where(User.id == user.id))
-        created = user.created_at
+        updated = await session.scalar(select(User.updated_at).where(User.id == user.id))
         lab.check(
             "same transaction: updated_at == created_at",
             "An UPDATE in the transaction that inserted the row sets updated_at=now(), which is "
             "still the same instant: updated_at does not move within one transaction.",
-            expected=str(created),
-            observed=str(first_updated),
+            expected=user.created_at,
+            observed=updated,
         )
         await session.commit()
 
-    # UPDATE in a later transaction: updated_at moves, but is not returned by default
-    await asyncio.sleep(pause)
+
+@run.scenario
+async def update_in_a_later_transaction(lab: Lab[Sizes]) -> None:
+    """Commit a user, pause, change it in a new transaction and flush: is the new
+    updated_at loaded, and what does a plain read of it do?"""
+    user = await committed_user(lab, "lovelace")
+    await asyncio.sleep(lab.sizes.pause)
     async with lab.sessions() as session:
         user = await session.get_one(User, user.id)
+        before = user.updated_at
         user.profile = {"city": "Grenoble"}
         with lab.statements() as sent:
             await session.flush()
-        expired_read = attempt(lambda: user.updated_at)
-        lab.check(
-            "after an UPDATE flush, updated_at is expired",
-            "onupdate=now() is computed by the server, and eager_defaults='auto' does not "
-            "fetch it after an UPDATE: the attribute is expired, and a plain read would need "
-            "IO, which async SQLAlchemy refuses with MissingGreenlet.",
-            expected="UPDATE without RETURNING; MissingGreenlet raised",
-            observed=f"RETURNING in UPDATE: {'RETURNING' in sent[-1]}; {expired_read}",
-            passed="RETURNING" not in sent[-1] and expired_read == "MissingGreenlet raised",
-        )
+        expired = "updated_at" in inspect(user).expired_attributes
+        read = attempt(lambda: user.updated_at)
         await session.refresh(user, ["updated_at"])
         await session.commit()
     lab.check(
+        "after an UPDATE flush, updated_at is expired",
+        "onupdate=now() is computed by the server, and eager_defaults='auto' does not "
+        "fetch it after an UPDATE: the attribute is expired, and a plain read would need "
+        "IO, which async SQLAlchemy refuses with MissingGreenlet.",
+        expected={
+            "RETURNING lists": "",
+            "updated_at expired": True,
+            "plain read": ("MissingGreenlet raised"),
+        },
+        observed={
+            "RETURNING lists": returning(sent[-1]),
+            "updated_at expired": expired,
+            "plain read": read,
+        },
+    )
+    lab.check(
         "updated_at changes on UPDATE (later transaction)",
-        "An ORM UPDATE in a later transaction moves updated_at forward and leaves "
-        "created_at alone.",
-        expected="updated_at > before, created_at unchanged",
-        observed=f"updated_at moved {seconds_between(first_updated, user.updated_at)}; "
-        f"created_at unchanged: {user.created_at == created}",
-        passed=first_updated is not None
-        and user.updated_at > first_updated
-        and user.created_at == created,
+        "An ORM UPDATE in a later transaction moves updated_at forward by about the pause "
+        "between the transactions, and leaves created_at alone.",
+        expected={"updated_at moved (s)": at_least(lab.sizes.pause), "created_at": before},
+        observed={
+            "updated_at moved (s)": seconds(before, user.updated_at),
+            "created_at": user.created_at,
+        },
     )
 
-    # eager_defaults=True: the UPDATE itself returns updated_at
+
+@run.scenario
+async def eager_defaults_true(lab: Lab[Sizes]) -> None:
+    """The same table mapped with eager_defaults=True: change a committed user and flush."""
+    user = await committed_user(lab, "eager")
     async with lab.sessions() as session:
         eager = await session.get_one(EagerUser, user.id)
-        eager.username = f"{lab.tag}ada-eager"
+        eager.username = lab.name("eager-renamed")
         with lab.statements() as sent:
             await session.flush()
         read = attempt(lambda: eager.updated_at)
@@ -154,85 +200,99 @@ async def run(lab: Lab, *, pause: float = 0.05) -> None:
         "eager_defaults=True returns updated_at",
         "Mapped with eager_defaults=True, the UPDATE carries RETURNING updated_at and the "
         "new value is readable right after the flush.",
-        expected="UPDATE ... RETURNING updated_at; a value",
-        observed=f"RETURNING in UPDATE: {'RETURNING' in sent[-1]}; {read.split(' ')[0]}",
-        passed="RETURNING" in sent[-1] and read.startswith("value"),
+        expected={"RETURNING lists": contains("updated_at"), "plain read": contains("value")},
+        observed={"RETURNING lists": returning(sent[-1]), "plain read": read},
     )
 
-    # Core update() applies onupdate; raw SQL does not
-    async with lab.sessions.begin() as session:
-        before = await session.scalar(select(User.updated_at).where(User.id == user.id))
-    await asyncio.sleep(pause)
+
+@run.scenario
+async def onupdate_lives_in_sqlalchemy(lab: Lab[Sizes]) -> None:
+    """A raw text() UPDATE, then a Core update(User), each in its own transaction after a
+    pause: which one moves updated_at?"""
+    column = User.__table__.c.updated_at
+    user = await committed_user(lab, "core")
+
+    async def updated_at() -> datetime | None:
+        async with lab.sessions.begin() as session:
+            return await session.scalar(select(User.updated_at).where(User.id == user.id))
+
+    before = await updated_at()
+    await asyncio.sleep(lab.sizes.pause)
     async with lab.sessions.begin() as session:
         await session.execute(
             text("UPDATE users SET login_count = login_count + 1 WHERE id = :id"), {"id": user.id}
         )
-    async with lab.sessions.begin() as session:
-        after_raw = await session.scalar(select(User.updated_at).where(User.id == user.id))
+    after_raw = await updated_at()
+    await asyncio.sleep(lab.sizes.pause)
     async with lab.sessions.begin() as session:
         await session.execute(
             update(User).where(User.id == user.id).values(login_count=User.login_count + 1)
         )
-    async with lab.sessions.begin() as session:
-        after_core = await session.scalar(select(User.updated_at).where(User.id == user.id))
+    after_core = await updated_at()
     lab.check(
         "raw SQL UPDATE leaves updated_at; Core update() sets it",
-        "onupdate lives in SQLAlchemy, not in the database: a text() UPDATE does not touch "
-        "updated_at, a Core update(User) does.",
-        expected="raw: unchanged; Core: moved",
-        observed=f"raw: {'unchanged' if after_raw == before else 'moved'}; "
-        f"Core: {'moved' if after_core and after_raw and after_core > after_raw else 'unchanged'}",
-        passed=after_raw == before
-        and after_core is not None
-        and after_raw is not None
-        and after_core > after_raw,
+        "onupdate lives in SQLAlchemy, not in the database: the model declares it on "
+        "updated_at, a text() UPDATE does not touch the column, a Core update(User) moves it.",
+        expected={
+            "onupdate declared": "now()",
+            "raw UPDATE moved it (s)": 0.0,
+            "Core update() moved it (s)": at_least(lab.sizes.pause),
+        },
+        observed={
+            "onupdate declared": "none" if column.onupdate is None else str(column.onupdate.arg),
+            "raw UPDATE moved it (s)": seconds(before, after_raw),
+            "Core update() moved it (s)": seconds(after_raw, after_core),
+        },
     )
 
-    await implicit_io_after_commit(lab)
 
-
-async def implicit_io_after_commit(lab: Lab) -> None:
-    """expire_on_commit=True, then read an attribute after commit: the error and three fixes."""
-    expiring = create_session_factory(lab.engine, expire_on_commit=True)
-
+@run.scenario
+async def implicit_io_after_commit(lab: Lab[Sizes]) -> None:
+    """expire_on_commit=True, then read an attribute after commit: the error and three
+    fixes (refresh, awaitable_attrs, the project's expire_on_commit=False)."""
+    expiring = lab.sessions_on(lab.engine, expire_on_commit=True)
+    name = lab.name("grace")
     async with expiring() as session:
-        user = User(username=f"{lab.tag}grace")
+        user = User(username=name)
         session.add(user)
         await session.commit()
+        expired_first = "username" in inspect(user).expired_attributes
         plain = attempt(lambda: user.username)
-        lab.check(
-            "expire_on_commit=True: read after commit raises",
-            "commit() expires every attribute; the next plain read must load it, which an "
-            "AsyncSession cannot do implicitly: sqlalchemy.exc.MissingGreenlet.",
-            expected="MissingGreenlet raised",
-            observed=plain,
-        )
         await session.refresh(user)
-        lab.check(
-            "fix: await session.refresh(obj)",
-            "An explicit await session.refresh() after commit reloads the attributes; plain "
-            "reads work again.",
-            expected=f"value {f'{lab.tag}grace'!r}",
-            observed=attempt(lambda: user.username),
-        )
+        refreshed = attempt(lambda: user.username)
         await session.commit()
+        expired_again = "username" in inspect(user).expired_attributes
         awaited = await user.awaitable_attrs.username
-        lab.check(
-            "fix: await obj.awaitable_attrs.name",
-            "AsyncAttrs.awaitable_attrs turns the implicit load into an awaitable: the expired "
-            "attribute is loaded with IO the event loop allows.",
-            expected=f"{lab.tag}grace",
-            observed=awaited,
-        )
-
+    lab.check(
+        "expire_on_commit=True: read after commit raises",
+        "commit() expires every attribute; the next plain read must load it, which an "
+        "AsyncSession cannot do implicitly: sqlalchemy.exc.MissingGreenlet.",
+        expected={"expired by commit": True, "plain read": "MissingGreenlet raised"},
+        observed={"expired by commit": expired_first, "plain read": plain},
+    )
+    lab.check(
+        "fix: await session.refresh(obj)",
+        "An explicit await session.refresh() after commit reloads the attributes; plain "
+        "reads work again.",
+        expected=f"value {name!r}",
+        observed=refreshed,
+    )
+    lab.check(
+        "fix: await obj.awaitable_attrs.name",
+        "AsyncAttrs.awaitable_attrs turns the implicit load into an awaitable: the attribute "
+        "that the second commit expired is loaded with IO the event loop allows.",
+        expected={"expired by the second commit": True, "awaited": name},
+        observed={"expired by the second commit": expired_again, "awaited": awaited},
+    )
     async with lab.sessions() as session:  # the project's factory: expire_on_commit=False
-        user = User(username=f"{lab.tag}hopper")
+        user = User(username=lab.name("hopper"))
         session.add(user)
         await session.commit()
-        lab.check(
-            "fix: expire_on_commit=False",
-            "With the project's session factory (expire_on_commit=False) attributes stay "
-            "loaded after commit: the read needs no IO.",
-            expected=f"value {f'{lab.tag}hopper'!r}",
-            observed=attempt(lambda: user.username),
-        )
+        read = attempt(lambda: user.username)
+    lab.check(
+        "fix: expire_on_commit=False",
+        "With the project's session factory (expire_on_commit=False) attributes stay "
+        "loaded after commit: the read needs no IO.",
+        expected=f"value {lab.name('hopper')!r}",
+        observed=read,
+    )

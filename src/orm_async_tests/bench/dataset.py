@@ -35,7 +35,7 @@ from sqlalchemy import Table, delete, func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..db import Database
-from ..harness import delete_tagged
+from ..lab.context import delete_tagged
 from ..models import TrackPoint, User
 
 START = datetime(2024, 6, 1, tzinfo=UTC)

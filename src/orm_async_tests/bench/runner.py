@@ -36,7 +36,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..harness import describe
+from ..lab.outcomes import describe
 from .cases import Case, Implementation
 from .dataset import Dataset
 from .operations import Operation

@@ -4,12 +4,13 @@ Each server probe runs on its own short connection from the engine given
 (usually ``lab.engine``), so it never disturbs the sessions it observes; and
 since ``pg_stat_activity`` is a snapshot taken once per transaction, a new
 connection (a new transaction) per call is also what lets repeated calls see
-the server change. :func:`poll` and :class:`Peak` repeat a probe, bounded in time.
+the server change. :func:`poll` and :class:`Sampler` repeat a probe, bounded in time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -134,25 +135,48 @@ async def poll(
         await asyncio.sleep(every)
 
 
-class Peak:
-    """The highest value ``probe()`` returns, sampled in the background every ``every``
-    seconds from now until :meth:`stop` (or for ``within`` seconds at most)."""
+class Sampler(Generic[T]):
+    """``probe()`` sampled in the background every ``every`` seconds, from the moment
+    it is made until :meth:`stop` (or for ``within`` seconds at most); every sample kept.
 
-    def __init__(self, probe: Callable[[], Awaitable[int]], *, within: float, every: float) -> None:
-        self.most = 0
+    ``async with Sampler(probe, every=0.02, within=30) as seen: ...`` stops it when the
+    block ends. The probe runs at least once, so ``samples`` is never empty after
+    :meth:`stop`; an experiment that needs the sampler to have seen a phase checks
+    ``len(seen.samples)``.
+    """
+
+    def __init__(self, probe: Callable[[], Awaitable[T]], *, every: float, within: float) -> None:
+        self.samples: list[T] = []
         self._stop = asyncio.Event()
-        self._task = asyncio.create_task(self._sample(probe, within, every))
+        self._task = asyncio.create_task(self._sample(probe, every, within))
 
-    async def _sample(
-        self, probe: Callable[[], Awaitable[int]], within: float, every: float
-    ) -> None:
+    async def _sample(self, probe: Callable[[], Awaitable[T]], every: float, within: float) -> None:
         deadline = time.perf_counter() + within
-        while not self._stop.is_set() and time.perf_counter() < deadline:
-            self.most = max(self.most, await probe())
-            await asyncio.sleep(every)
+        while True:
+            self.samples.append(await probe())
+            if self._stop.is_set() or time.perf_counter() >= deadline:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), every)
 
-    async def stop(self) -> int:
-        """Stop sampling (after the sample in progress) and return the highest value."""
+    async def stop(self) -> list[T]:
+        """Stop sampling (after one last sample) and return every sample taken."""
         self._stop.set()
         await self._task
-        return self.most
+        return self.samples
+
+    async def __aenter__(self) -> Sampler[T]:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if exc_info[0] is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            return
+        await self.stop()
+
+
+def peak(samples: Sequence[int]) -> int:
+    """The highest of ``samples`` (0 for none)."""
+    return max(samples, default=0)

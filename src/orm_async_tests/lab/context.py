@@ -1,0 +1,195 @@
+"""What a scenario gets: the database, the sizes, a tag for its rows, and its record.
+
+Each run gets a unique :attr:`Lab.tag`; rows an experiment creates carry it
+(usernames, group names, job queues), and so do the ``application_name`` of
+the engines it makes, so ``pg_stat_activity`` counts this run's connections
+only. Rows, engines and fixtures are cleaned up after the last scenario, so
+runs can repeat and interleave.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, contextmanager
+from typing import Any, Generic, NoReturn, TypeVar, cast
+
+from sqlalchemy import delete, event, text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.pool import NullPool
+
+from ..db import Database, create_engine, create_session_factory
+from ..models import Group, Job, User
+from .checks import make_check
+from .env import environment
+from .results import Figure, ScenarioResult
+
+S = TypeVar("S")
+T = TypeVar("T")
+Fixture = Callable[["Lab[Any]"], AbstractAsyncContextManager[Any]]
+
+
+class Skip(Exception):
+    """Raised by :meth:`Lab.skip`: the scenario cannot run here, and says why."""
+
+
+class Lab(Generic[S]):
+    """The database, the sizes (``lab.sizes.users``) and the record of one run."""
+
+    def __init__(self, db: Database, number: int, sizes: S) -> None:
+        self.db = db
+        self.sizes = sizes
+        self.tag = f"e{number}-{secrets.token_hex(3)}-"
+        self._part = ScenarioResult("", "", "")
+        self._engines: list[AsyncEngine] = []
+        self._stack = AsyncExitStack()
+        self._fixtures: dict[Any, tuple[Any, BaseException | None]] = {}
+
+    # ------------------------------------------------------------------ the record
+
+    def begin(self, part: ScenarioResult | None) -> None:
+        """The runner: record what follows under this scenario."""
+        self._part = part if part is not None else ScenarioResult("", "", "")
+
+    def check(self, name: str, claim: str, *, expected: Any, observed: Any) -> bool:
+        """Record one finding: ``observed`` compared with ``expected`` (a value, a
+        comparator of :mod:`.checks`, or a dict/list of those). Returns whether it held."""
+        found = make_check(self._part.name, name, claim, expected, observed)
+        self._part.checks.append(found)
+        return found.passed
+
+    def figure(self, label: str, value: float, unit: str = "") -> float:
+        """Record a measured figure (a timing, a size, a rate) for the report."""
+        self._part.figures.append(Figure(label, float(value), unit))
+        return value
+
+    def note(self, text: str) -> None:
+        """Something observed that is not a check (shown under the scenario)."""
+        self._part.notes.append(" ".join(text.split()))
+
+    def skip(self, reason: str) -> NoReturn:
+        """Stop this scenario: it cannot run on this setup (reported as SKIPPED)."""
+        raise Skip(reason)
+
+    @contextmanager
+    def timed(self, label: str) -> Iterator[list[float]]:
+        """``with lab.timed("load"):`` records wall time; the yielded list gets the seconds."""
+        box: list[float] = []
+        started = time.perf_counter()
+        try:
+            yield box
+        finally:
+            box.append(time.perf_counter() - started)
+            self.figure(label, box[0], "s")
+
+    @contextmanager
+    def statements(self, engine: AsyncEngine | None = None) -> Iterator[list[str]]:
+        """``with lab.statements() as sent:`` collects the SQL each cursor executes."""
+        sync_engine = (engine or self.engine).sync_engine
+        sent: list[str] = []
+
+        def record(
+            conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool
+        ) -> None:
+            sent.append(" ".join(statement.split()))
+
+        event.listen(sync_engine, "before_cursor_execute", record)
+        try:
+            yield sent
+        finally:
+            event.remove(sync_engine, "before_cursor_execute", record)
+
+    # ------------------------------------------------------------- the database
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The shared engine (the ``db`` module's): for probes and ordinary work."""
+        return self.db.engine
+
+    @property
+    def sessions(self) -> async_sessionmaker[AsyncSession]:
+        """The project's session factory on the shared engine."""
+        return self.db.sessions
+
+    def name(self, suffix: str) -> str:
+        """``tag + suffix``: a username, a queue, an ``application_name`` of this run."""
+        return f"{self.tag}{suffix}"
+
+    def engine_with(self, **overrides: Any) -> AsyncEngine:
+        """Another engine on the same server with some options changed (see
+        :func:`.db.create_engine`: ``pool_size=2``, ``server_settings={...}``,
+        ``driver_args={...}``); disposed after the run.
+
+        Its connections carry ``application_name`` = :attr:`tag` unless told otherwise.
+        """
+        overrides.setdefault("application_name", self.tag)
+        engine = create_engine(self.db.settings, self.db.target, **overrides)
+        self._engines.append(engine)
+        return engine
+
+    def one_connection(self, **overrides: Any) -> AsyncEngine:
+        """An engine whose pool holds exactly one connection (``pool_size=1,
+        max_overflow=0``): whatever one session leaves in it, the next one meets."""
+        return self.engine_with(**{"pool_size": 1, "max_overflow": 0, **overrides})
+
+    def unpooled(self, **overrides: Any) -> AsyncEngine:
+        """An engine with ``NullPool``: every checkout opens a new server connection."""
+        return self.engine_with(poolclass=NullPool, **overrides)
+
+    def sessions_on(self, engine: AsyncEngine, **options: Any) -> async_sessionmaker[AsyncSession]:
+        """The project's session factory on ``engine`` (``expire_on_commit=True`` etc.
+        to change an option)."""
+        return create_session_factory(engine, **options)
+
+    def child_env(self, extra: Mapping[str, str | None] | None = None) -> dict[str, str]:
+        """This process's environment pointed at the lab's database, for a child process.
+
+        ``DATABASE_URL`` (password included: it goes into the environment only, never
+        into output) and ``DB_SCHEMA`` are what the lab uses, so ``Settings.from_env()``
+        in the child finds the same server and schema; then ``extra`` (a ``None`` value
+        removes the variable).
+        """
+        database: dict[str, str | None] = {
+            "DATABASE_URL": self.db.target.url.render_as_string(hide_password=False),
+            "DB_SCHEMA": self.db.settings.schema,
+        }
+        return environment({**database, **(extra or {})})
+
+    # ------------------------------------------------------------------ fixtures
+
+    async def use(self, fixture: Callable[[Lab[S]], AbstractAsyncContextManager[T]]) -> T:
+        """What ``fixture(lab)`` (an ``@asynccontextmanager``) yields, entered the first
+        time a scenario asks and exited after the last scenario; a fixture that raised
+        (or skipped) raises the same for every scenario that uses it."""
+        if fixture not in self._fixtures:
+            try:
+                value = await self._stack.enter_async_context(fixture(self))
+            except Exception as exc:
+                self._fixtures[fixture] = (None, exc)
+            else:
+                self._fixtures[fixture] = (value, None)
+        value, failed = self._fixtures[fixture]
+        if failed is not None:
+            raise failed
+        return cast(T, value)
+
+    async def close(self) -> None:
+        """Exit the fixtures, dispose the engines made here, delete the run's rows."""
+        try:
+            await self._stack.aclose()
+        finally:
+            for engine in self._engines:
+                await engine.dispose()
+            self._engines.clear()
+            await delete_tagged(self.sessions, self.tag)
+
+
+async def delete_tagged(sessions: async_sessionmaker[AsyncSession], tag: str) -> None:
+    """Delete the rows a run created (users cascade to track points and memberships)."""
+    async with sessions.begin() as session:
+        # a connection left holding locks must not turn the cleanup into a hang
+        await session.execute(text("SET LOCAL lock_timeout = '10s'"))
+        await session.execute(delete(User).where(User.username.startswith(tag)))
+        await session.execute(delete(Group).where(Group.name.startswith(tag)))
+        await session.execute(delete(Job).where(Job.queue.startswith(tag)))

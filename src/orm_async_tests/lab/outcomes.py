@@ -1,0 +1,41 @@
+"""How experiments name what happened: an error as one line, an awaitable's outcome."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from ..errors import first_line as first_line
+from ..errors import sqlstate as sqlstate
+
+
+def describe(exc: BaseException) -> str:
+    """``"TypeName: first line of the message"``: how experiments report an error.
+
+    SQLAlchemy's wrapper prefix (``(sqlalchemy.dialects.postgresql.asyncpg.InterfaceError)``)
+    is left out: the type name is already there.
+    """
+    return f"{type(exc).__name__}: {_WRAPPED.sub('', first_line(exc))}"
+
+
+_WRAPPED = re.compile(r"^\([\w.]+\) ")
+
+
+async def outcome(awaitable: Awaitable[Any]) -> str:
+    """Await it: ``"ok"``, or :func:`describe` of what it raised."""
+    try:
+        await awaitable
+    except Exception as exc:
+        return describe(exc)
+    return "ok"
+
+
+async def one_transaction(sessions: async_sessionmaker[AsyncSession]) -> None:
+    """Begin, ``SELECT 1``, commit: whether the next user of a pool or session factory
+    gets a working transaction (wrap in :func:`outcome` to record what it raised)."""
+    async with sessions.begin() as session:
+        await session.execute(select(1))

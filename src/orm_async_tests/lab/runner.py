@@ -1,0 +1,99 @@
+"""Run experiments on the project's database and print their reports.
+
+The database is opened once per command and made ready (the embedded default
+is migrated to head; another server must already be); then each planned
+experiment is imported, run and reported. A setup problem (a malformed URL,
+an unreachable server, an unmigrated schema) becomes one line and exit status
+2; what an experiment raises is its own ERROR verdict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import traceback
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from typing import Any
+
+from .. import migrations
+from ..db import Database, Target, open_database, resolve_target
+from ..errors import explain, first_line
+from ..settings import Settings
+from .registry import BadSizes, load
+from .report import format_report
+from .scripts import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_SETUP
+
+TRACEBACK_VARIABLE = "ORM_ASYNC_TESTS_TRACEBACK"
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One experiment to run: its module, size overrides, and the scenarios (all: None)."""
+
+    module: str
+    sizes: dict[str, Any] = field(default_factory=dict)
+    only: Sequence[str] | None = None
+
+
+def run_guarded(plan: Sequence[Planned]) -> int:
+    """Run the plan in a new event loop and print each report; the exit status."""
+    return guarded(lambda target: run_plan(plan, target))
+
+
+def guarded(main: Callable[[list[Target]], Coroutine[Any, Any, int]]) -> int:
+    """Run ``main`` in a new event loop; a setup error becomes one line and exit status 2.
+
+    ``main`` appends the :class:`Target` it resolved, so the line can name the server.
+    """
+    target: list[Target] = []
+    try:
+        return asyncio.run(main(target))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BadSizes as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_SETUP
+    except Exception as exc:
+        line = explain(exc, target[0] if target else None)
+        if line is None:
+            if os.environ.get(TRACEBACK_VARIABLE):
+                traceback.print_exc()
+            line = f"unexpected {type(exc).__name__}: {first_line(exc)}"
+            line += f" ({TRACEBACK_VARIABLE}=1 shows the traceback)"
+        print(f"error: {line}", file=sys.stderr)
+        return EXIT_SETUP
+
+
+async def run_plan(plan: Sequence[Planned], target_out: list[Target] | None = None) -> int:
+    """Open the database once, make it ready, run each experiment and print its report."""
+    settings = Settings.from_env()
+    target = resolve_target(settings)
+    if target_out is not None:
+        target_out.append(target)
+    async with open_database(settings, target=target) as db:
+        server = await db.server_version()
+        message = await migrations.prepare(db)
+        if message:
+            print(message)
+        where = database_line(db, server)
+        failures = 0
+        for planned in plan:
+            experiment = load(planned.module)
+            result = await experiment.run(db, planned.sizes, only=planned.only)
+            show = bool(os.environ.get(TRACEBACK_VARIABLE))
+            print(format_report(result, where, with_traceback=show), flush=True)
+            failures += not (result.passed or result.skipped)
+    return EXIT_FAILED if failures else EXIT_OK
+
+
+def database_line(db: Database, server_version: str) -> str:
+    """``embedded PostgreSQL in … · PostgreSQL 18.6 · SQLAlchemy 2.1.9 · asyncpg 0.32.0``."""
+    driver = db.target.url.get_driver_name()
+    return (
+        f"{db.describe()} · PostgreSQL {server_version} · SQLAlchemy "
+        f"{version('sqlalchemy')} · {driver} {version(driver)}"
+    )
