@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -24,8 +24,9 @@ from orm_async_tests.api import create_app
 from orm_async_tests.api.app import session_dependency
 from orm_async_tests.api.errors import status_and_detail
 from orm_async_tests.db import Database, Target, open_database
+from orm_async_tests.lab import server
 from orm_async_tests.lab.env import environment, free_port
-from orm_async_tests.probes import checked_out
+from orm_async_tests.lab.probes import checked_out
 from orm_async_tests.settings import Settings
 
 from .commands import SCRIPTS
@@ -218,36 +219,26 @@ def test_fuzz_no_server_errors(fuzz_app: FastAPI) -> None:
 
 async def test_real_uvicorn_serves_openapi_and_requests(
     database: Database,  # the run's schema, migrated: an external server is not migrated for us
+    tmp_path: Path,
 ) -> None:
     """`poetry run api` as a user starts it: a real server on a free loopback port."""
     port = free_port()
-    server = await asyncio.create_subprocess_exec(
-        str(SCRIPTS / "api"),
-        env=environment({"API_PORT": str(port)}),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
-            for _ in range(150):
-                try:
-                    if (await http.get("/health")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                await asyncio.sleep(0.1)
-            openapi = (await http.get("/openapi.json")).json()
-            assert "/users/{user_id}/track-points" in openapi["paths"]
-            name = f"api-real-{datetime.now(UTC).timestamp()}"
-            created = await http.post("/users", json={"username": name})
-            assert created.status_code == 201, created.text
-            docs = await http.get("/docs")
-            assert docs.status_code == 200
-    finally:
-        server.terminate()
-        try:
-            await asyncio.wait_for(server.wait(), 10)
-        except TimeoutError:
-            server.kill()
-            await server.wait()
-    assert server.returncode is not None
+    async with (
+        server.serving(
+            [str(SCRIPTS / "api")],
+            port=port,
+            env=environment({"API_PORT": str(port)}),
+            log=tmp_path / "api.log",
+            name="api",
+        ) as api,
+        api.client() as http,
+    ):
+        openapi = (await http.get("/openapi.json")).json()
+        assert "/users/{user_id}/track-points" in openapi["paths"]
+        name = f"api-real-{datetime.now(UTC).timestamp()}"
+        created = await http.post("/users", json={"username": name})
+        assert created.status_code == 201, created.text
+        docs = await http.get("/docs")
+        assert docs.status_code == 200
+    # stopped with SIGTERM: a graceful shutdown, the lifespan's exit ran
+    assert "Application shutdown complete." in api.log_text(), api.log_text()

@@ -19,7 +19,7 @@ import sys
 import textwrap
 from collections.abc import Callable, Sequence
 
-from .bench import INSTALL_HINT, MAX_CONCURRENCY, missing_modules
+from .bench import MAX_CONCURRENCY
 from .lab.catalogue import catalogue
 from .lab.scripts import EXIT_OK, EXIT_SETUP, known_script, reader_may_leave
 
@@ -81,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from .bench import INSTALL_HINT, missing_modules
+
     if missing_modules():
         print(f"error: {INSTALL_HINT}", file=sys.stderr)
         return EXIT_SETUP

@@ -1,4 +1,8 @@
-"""Experiment 11: PostgreSQL types, prepared statements and LISTEN/NOTIFY through asyncpg.
+"""Which in-place changes to JSONB and ARRAY columns are saved, and what do
+flag_modified and MutableDict/MutableList change; do UUID, enum and server defaults
+round-trip through asyncpg; is a statement executed repeatedly prepared once, and what
+does prepared_statement_cache_size=0 really change; and when do LISTEN/NOTIFY
+notifications arrive through the raw asyncpg connection?
 
 Four things that look simple and are not:
 
@@ -24,6 +28,8 @@ Four things that look simple and are not:
   asyncpg's ``statement_cache_size=0`` as well are the statements unnamed (and
   absent from ``pg_prepared_statements``). Observed through
   ``pg_prepared_statements`` (name, executions = ``generic_plans + custom_plans``).
+  The two settings are given here as connect arguments of a ``NullPool`` engine
+  (``driver_args``), which is where the URL query parameter ends up as well.
 - **LISTEN/NOTIFY** needs the raw asyncpg connection (``add_listener``) on a
   connection kept out of the shared pool; notifications are delivered at COMMIT,
   in order, never for a rolled-back transaction, and identical payloads within
@@ -68,11 +74,35 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.ext.mutable import MutableDict, MutableList
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.orm.attributes import flag_modified
-from sqlalchemy.pool import NullPool
 
-from .db import Target, create_engine
-from .harness import Lab, describe, experiment, sqlstate
+from .lab import BadSizes, Lab, contains, describe, each, experiment, matches, prefix, sqlstate
 from .models import User, UserStatus
+
+
+@dataclass(frozen=True)
+class Sizes:
+    executions: int = 20
+    """Executions of the same SELECT on one connection, per prepared-statement setup."""
+    notifications: int = 5
+    """Distinct payloads the sender notifies in its transaction."""
+    quiet: float = 0.2
+    """Seconds the listener keeps listening for anything more (before COMMIT and after)."""
+
+    def __post_init__(self) -> None:
+        if self.executions < 2:
+            raise BadSizes(
+                f"executions ({self.executions}) must be at least 2: one execution cannot "
+                "tell a statement prepared once from one prepared per execution"
+            )
+        if self.notifications < 1:
+            raise BadSizes(f"notifications ({self.notifications}) must be at least 1")
+        if self.quiet <= 0:
+            raise BadSizes(f"quiet ({self.quiet}) must be more than 0 seconds")
+
+
+run = experiment(
+    11, "PostgreSQL types, prepared statements and LISTEN/NOTIFY through asyncpg", Sizes
+)
 
 
 class _MutableRegistry(DeclarativeBase):
@@ -90,11 +120,21 @@ class MutableUser(_MutableRegistry):
     tags: Mapped[list[str]] = mapped_column(MutableList.as_mutable(ARRAY(String(32))))
 
 
+SERVER_DEFAULTS = ("public_id", "status", "profile", "tags")
+BANNED = 'invalid input value for enum user_status: "banned"'
+
+
 def updates(sent: list[str]) -> int:
+    """How many of the statements sent are an UPDATE of ``users``."""
     return sum(1 for statement in sent if statement.startswith("UPDATE users"))
 
 
-async def stored(lab: Lab, user_id: int) -> tuple[dict[str, Any], list[str]]:
+def returning(statement: str) -> str:
+    """What a statement's RETURNING clause lists ("" without one)."""
+    return statement.partition(" RETURNING ")[2]
+
+
+async def stored(lab: Lab[Sizes], user_id: int) -> tuple[dict[str, Any], list[str]]:
     """What the database holds, read in a fresh session."""
     async with lab.sessions() as session:
         row = (
@@ -103,67 +143,94 @@ async def stored(lab: Lab, user_id: int) -> tuple[dict[str, Any], list[str]]:
         return row.profile, row.tags
 
 
-@experiment(11, "PostgreSQL types, prepared statements and LISTEN/NOTIFY through asyncpg")
-async def run(
-    lab: Lab, *, executions: int = 20, notifications: int = 5, quiet: float = 0.2
-) -> None:
-    """Which in-place changes to JSONB and ARRAY columns are saved, and what do
-    flag_modified and MutableDict/MutableList change; do UUID, enum and server defaults
-    round-trip through asyncpg; is a statement executed repeatedly prepared once, and what
-    does prepared_statement_cache_size=0 really change; and when do LISTEN/NOTIFY
-    notifications arrive through the raw asyncpg connection?"""
-    user_id = await server_defaults_uuid_enum(lab)
-    await jsonb_mutation(lab, user_id)
-    await array_mutation(lab, user_id)
-    if lab.engine.dialect.driver != "asyncpg":
-        lab.note(
-            f"driver {lab.engine.dialect.driver!r}: the asyncpg parts (prepared statement "
-            "cache, add_listener) were skipped"
-        )
-        return
-    await prepared_statements(lab, executions)
-    await listen_notify(lab, notifications, quiet)
+async def user_with(lab: Lab[Sizes], name: str, profile: dict[str, Any], tags: list[str]) -> int:
+    """Commit a user of this run with that profile and those tags; its id."""
+    async with lab.sessions.begin() as session:
+        user = User(username=lab.name(name), profile=profile, tags=tags)
+        session.add(user)
+        await session.flush()
+        return user.id
+
+
+def asyncpg_only(lab: Lab[Sizes]) -> None:
+    """Skip the scenario unless the driver is asyncpg (its cache, ``add_listener``)."""
+    driver = lab.engine.dialect.driver
+    if driver != "asyncpg":
+        lab.skip(f"driver {driver!r}: this scenario observes asyncpg itself")
 
 
 # -- server defaults, UUID, enum ------------------------------------------------------
 
 
-async def server_defaults_uuid_enum(lab: Lab) -> int:
+@run.scenario
+async def insert_returns_server_defaults(lab: Lab[Sizes]) -> None:
+    """INSERT a user naming only its username: what the INSERT's RETURNING brings back,
+    and as which Python types."""
     async with lab.sessions() as session:
-        user = User(username=f"{lab.tag}types")
+        user = User(username=lab.name("defaults"))
         session.add(user)
         with lab.statements() as sent:
             await session.flush()
-        returning = sent[-1].partition(" RETURNING ")[2] if sent else ""
-        values = (user.public_id, user.status, user.profile, user.tags)
+        listed = returning(sent[-1]) if sent else ""
+        public_id, status, profile, tags = user.public_id, user.status, user.profile, user.tags
         await session.commit()
-    returned = [c for c in ("public_id", "status", "profile", "tags") if f"users.{c}" in returning]
     lab.check(
         "server defaults come back with RETURNING",
         "An INSERT naming only username fetches the server defaults (public_id from "
         "gen_random_uuid(), status, profile, tags) in the same statement with RETURNING, "
         "already converted: uuid.UUID, UserStatus.active, {} and [].",
-        expected="1 statement, RETURNING public_id, status, profile, tags; "
-        "UUID v4, UserStatus.active, {}, []",
-        observed=f"{len(sent)} statement(s), RETURNING {', '.join(returned) or 'none'}; "
-        f"{type(values[0]).__name__} v{getattr(values[0], 'version', '?')}, {values[1]}, "
-        f"{values[2]!r}, {values[3]!r}",
-        passed=len(sent) == 1
-        and len(returned) == 4
-        and isinstance(values[0], uuid.UUID)
-        and values[0].version == 4
-        and values[1] is UserStatus.active
-        and values[2] == {}
-        and values[3] == [],
+        expected={
+            "statements": 1,
+            "RETURNING lists": list(SERVER_DEFAULTS),
+            "public_id is a uuid.UUID": True,
+            "public_id version": 4,
+            "status": UserStatus.active,
+            "profile": {},
+            "tags": [],
+        },
+        observed={
+            "statements": len(sent),
+            "RETURNING lists": [c for c in SERVER_DEFAULTS if f"users.{c}" in listed],
+            "public_id is a uuid.UUID": isinstance(public_id, uuid.UUID),
+            "public_id version": getattr(public_id, "version", None),
+            "status": status,
+            "profile": profile,
+            "tags": tags,
+        },
     )
-    public_id = user.public_id
     lab.note(
         f"public_id arrives as {type(public_id).__module__}.{type(public_id).__qualname__} "
         f"(a subclass of uuid.UUID: {isinstance(public_id, uuid.UUID)})"
     )
 
+
+@dataclass(frozen=True)
+class Typed:
+    """A committed user of this run, as the INSERT returned it."""
+
+    id: int
+    username: str
+    public_id: uuid.UUID
+
+
+@asynccontextmanager
+async def typed_user(lab: Lab[Sizes]) -> AsyncIterator[Typed]:
+    """One user for the UUID and enum scenarios (deleted with the run's rows)."""
+    async with lab.sessions.begin() as session:
+        user = User(username=lab.name("types"))
+        session.add(user)
+        await session.flush()
+        found = Typed(user.id, user.username, user.public_id)
+    yield found
+
+
+@run.scenario
+async def uuid_and_enum_round_trip(lab: Lab[Sizes]) -> None:
+    """Find a user by its uuid.UUID, set its status to an enum member through the ORM,
+    and read the status back, as a member and as the stored label."""
+    user = await lab.use(typed_user)
     async with lab.sessions() as session:
-        found = await session.scalar(select(User.username).where(User.public_id == public_id))
+        found = await session.scalar(select(User.username).where(User.public_id == user.public_id))
         loaded = await session.get_one(User, user.id)
         loaded.status = UserStatus.suspended
         await session.commit()
@@ -176,13 +243,47 @@ async def server_defaults_uuid_enum(lab: Lab) -> int:
         "UUID and enum round trip",
         "A uuid.UUID bound in a WHERE finds the row; an enum member written by the ORM is "
         "stored as the PostgreSQL enum label and read back as the same Python member.",
-        expected=f"found {user.username}; UserStatus.suspended, stored 'suspended'",
-        observed=f"found {found}; {status}, stored {raw_status!r}",
-        passed=found == user.username
-        and status is UserStatus.suspended
-        and raw_status == "suspended",
+        expected={
+            "found by public_id": user.username,
+            "read back": UserStatus.suspended,
+            "stored label": "suspended",
+        },
+        observed={"found by public_id": found, "read back": status, "stored label": raw_status},
     )
 
+
+@dataclass
+class Attempt:
+    """What happened to a statement that writes a status, and how much was sent."""
+
+    outcome: str
+    sqlstate: str | None
+    sent: int
+
+    def observed(self) -> dict[str, Any]:
+        return {"statements sent": self.sent, "SQLSTATE": self.sqlstate, "outcome": self.outcome}
+
+
+async def set_status(
+    lab: Lab[Sizes], statement: Executable, params: dict[str, Any] | None = None
+) -> Attempt:
+    """Try a statement that writes a status (rolled back); what happened and what was sent."""
+    async with lab.sessions() as session:
+        with lab.statements() as sent:
+            try:
+                await session.execute(statement, params)
+                outcome, state = "accepted", None
+            except StatementError as err:
+                outcome, state = describe(err), sqlstate(err)
+        await session.rollback()
+    return Attempt(outcome, state, len(sent))
+
+
+@run.scenario
+async def unknown_enum_label(lab: Lab[Sizes]) -> None:
+    """Write the status 'banned' (not a label of user_status) three ways: raw SQL, a Core
+    update() with the mapped Enum, and a bind parameter typed Enum(validate_strings=True)."""
+    user = await lab.use(typed_user)
     refused = await set_status(
         lab,
         text("UPDATE users SET status = :status WHERE id = :id"),
@@ -192,11 +293,8 @@ async def server_defaults_uuid_enum(lab: Lab) -> int:
         "raw SQL: PostgreSQL refuses an unknown enum label",
         "Through text(), 'banned' reaches the server, which rejects it as input for the "
         "enum type user_status (SQLSTATE 22P02 invalid_text_representation).",
-        expected='1 sent; 22P02: ... invalid input value for enum user_status: "banned"',
-        observed=refused.shown(),
-        passed=refused.sent == 1
-        and refused.sqlstate == "22P02"
-        and 'invalid input value for enum user_status: "banned"' in refused.outcome,
+        expected={"statements sent": 1, "SQLSTATE": "22P02", "outcome": contains(BANNED)},
+        observed=refused.observed(),
     )
 
     core = await set_status(lab, update(User).where(User.id == user.id).values(status="banned"))
@@ -205,11 +303,16 @@ async def server_defaults_uuid_enum(lab: Lab) -> int:
         "The mapped Enum(UserStatus) type has validate_strings=False (the default): a plain "
         "string that is not a member is passed through unchecked, so the statement is sent "
         "and it is PostgreSQL, not SQLAlchemy, that refuses it.",
-        expected='1 sent; 22P02: ... invalid input value for enum user_status: "banned"',
-        observed=core.shown(),
-        passed=core.sent == 1
-        and core.sqlstate == "22P02"
-        and 'invalid input value for enum user_status: "banned"' in core.outcome,
+        expected={
+            "validate_strings": False,
+            "statements sent": 1,
+            "SQLSTATE": "22P02",
+            "outcome": contains(BANNED),
+        },
+        observed={
+            "validate_strings": getattr(User.__table__.c.status.type, "validate_strings", None),
+            **core.observed(),
+        },
     )
 
     strict = Enum(UserStatus, name="user_status", validate_strings=True)
@@ -225,49 +328,25 @@ async def server_defaults_uuid_enum(lab: Lab) -> int:
         "Bound through Enum(UserStatus, validate_strings=True), the same string fails in "
         "SQLAlchemy's bind processing (LookupError, wrapped in StatementError): nothing is "
         "sent to the server.",
-        expected="0 sent; StatementError: ... 'banned' is not among the defined enum values",
-        observed=checked.shown(),
-        passed=checked.sent == 0
-        and checked.outcome.startswith("StatementError")
-        and "is not among the defined enum values" in checked.outcome,
+        expected={
+            "statements sent": 0,
+            "SQLSTATE": None,
+            "outcome": matches(r"^StatementError: .*is not among the defined enum values"),
+        },
+        observed=checked.observed(),
     )
-    return user.id
-
-
-@dataclass
-class Attempt:
-    outcome: str
-    sqlstate: str | None
-    sent: int
-
-    def shown(self) -> str:
-        return f"{self.sent} sent; {self.sqlstate or '-'}: {self.outcome}"
-
-
-async def set_status(
-    lab: Lab, statement: Executable, params: dict[str, Any] | None = None
-) -> Attempt:
-    """Try a statement that writes a status; what happened and what was sent."""
-    async with lab.sessions() as session:
-        with lab.statements() as sent:
-            try:
-                await session.execute(statement, params)
-                outcome, state = "accepted", None
-            except StatementError as err:
-                outcome, state = describe(err), sqlstate(err)
-        await session.rollback()
-    return Attempt(outcome, state, len(sent))
 
 
 # -- JSONB ------------------------------------------------------------------------------
 
 
-async def jsonb_mutation(lab: Lab, user_id: int) -> None:
+@run.scenario
+async def jsonb_in_place_changes(lab: Lab[Sizes]) -> None:
+    """Change a user's JSONB profile in place four ways: plain, plain + flag_modified,
+    MutableDict at the top level, MutableDict inside a nested dict; each in its own
+    session, then read what the database kept."""
     start = {"city": "Paris", "address": {"zip": "75001"}}
-    async with lab.sessions.begin() as session:
-        await session.execute(
-            update(User).where(User.id == user_id).values(profile=start, tags=["a", "b"])
-        )
+    user_id = await user_with(lab, "jsonb", start, ["a", "b"])
 
     async with lab.sessions() as session:
         user = await session.get_one(User, user_id)
@@ -282,13 +361,13 @@ async def jsonb_mutation(lab: Lab, user_id: int) -> None:
         "profile is a plain JSONB column: profile['city'] = 'Lyon' changes the dict in "
         "memory only; the session does not see it as modified, commit sends no UPDATE, and "
         "the database keeps the old value (the object in memory now disagrees with it).",
-        expected="is_modified False; 0 UPDATE; stored 'Paris', in memory 'Lyon'",
-        observed=f"is_modified {modified}; {updates(sent)} UPDATE; stored "
-        f"{profile.get('city')!r}, in memory {in_memory!r}",
-        passed=not modified
-        and updates(sent) == 0
-        and profile.get("city") == "Paris"
-        and in_memory == "Lyon",
+        expected={"is_modified": False, "UPDATEs": 0, "stored city": "Paris", "in memory": "Lyon"},
+        observed={
+            "is_modified": modified,
+            "UPDATEs": updates(sent),
+            "stored city": profile.get("city"),
+            "in memory": in_memory,
+        },
     )
 
     async with lab.sessions() as session:
@@ -303,9 +382,12 @@ async def jsonb_mutation(lab: Lab, user_id: int) -> None:
         "plain JSONB + flag_modified: saved",
         "flag_modified(user, 'profile') after the in-place change marks the attribute "
         "changed: commit sends an UPDATE with the whole document.",
-        expected="is_modified True; 1 UPDATE; stored 'Lyon'",
-        observed=f"is_modified {modified}; {updates(sent)} UPDATE; stored {profile.get('city')!r}",
-        passed=modified and updates(sent) == 1 and profile.get("city") == "Lyon",
+        expected={"is_modified": True, "UPDATEs": 1, "stored city": "Lyon"},
+        observed={
+            "is_modified": modified,
+            "UPDATEs": updates(sent),
+            "stored city": profile.get("city"),
+        },
     )
 
     async with lab.sessions() as session:
@@ -319,9 +401,8 @@ async def jsonb_mutation(lab: Lab, user_id: int) -> None:
         "MutableDict: top-level in-place change is saved",
         "Mapped with MutableDict.as_mutable(JSONB), the loaded value is a MutableDict whose "
         "__setitem__ flags the parent: the same in-place change is now an UPDATE.",
-        expected="MutableDict; 1 UPDATE; stored 'Nice'",
-        observed=f"{kind}; {updates(sent)} UPDATE; stored {profile.get('city')!r}",
-        passed=kind == "MutableDict" and updates(sent) == 1 and profile.get("city") == "Nice",
+        expected={"loaded as": "MutableDict", "UPDATEs": 1, "stored city": "Nice"},
+        observed={"loaded as": kind, "UPDATEs": updates(sent), "stored city": profile.get("city")},
     )
 
     async with lab.sessions() as session:
@@ -335,19 +416,24 @@ async def jsonb_mutation(lab: Lab, user_id: int) -> None:
         "MutableDict: nested in-place change is not saved",
         "MutableDict tracks its own keys only: profile['address'] is a plain dict, and "
         "changing a key inside it flags nothing: no UPDATE, the stored zip is unchanged.",
-        expected="nested dict; 0 UPDATE; stored zip '75001'",
-        observed=f"nested {type(nested).__name__}; {updates(sent)} UPDATE; stored zip "
-        f"{profile.get('address', {}).get('zip')!r}",
-        passed=type(nested) is dict
-        and updates(sent) == 0
-        and profile.get("address", {}).get("zip") == "75001",
+        expected={"nested value is a": "dict", "UPDATEs": 0, "stored zip": "75001"},
+        observed={
+            "nested value is a": type(nested).__name__,
+            "UPDATEs": updates(sent),
+            "stored zip": profile.get("address", {}).get("zip"),
+        },
     )
 
 
 # -- ARRAY -----------------------------------------------------------------------------
 
 
-async def array_mutation(lab: Lab, user_id: int) -> None:
+@run.scenario
+async def array_in_place_changes(lab: Lab[Sizes]) -> None:
+    """Change a user's ARRAY tags: an in-place append, an append then a reassigned copy,
+    a new list, and an append on a MutableList; each in its own session."""
+    user_id = await user_with(lab, "array", {}, ["a", "b"])
+
     async with lab.sessions() as session:
         user = await session.get_one(User, user_id)
         loaded = user.tags
@@ -360,12 +446,13 @@ async def array_mutation(lab: Lab, user_id: int) -> None:
         "ARRAY: round trip; in-place append is not saved",
         "tags comes back as a Python list; tags.append('c') changes it in memory only: "
         "no UPDATE, the stored array keeps two elements.",
-        expected="list ['a', 'b']; 0 UPDATE; stored ['a', 'b']",
-        observed=f"{type(loaded).__name__} {before!r}; {updates(sent)} UPDATE; stored {tags!r}",
-        passed=type(loaded) is list
-        and before == ["a", "b"]
-        and updates(sent) == 0
-        and tags == ["a", "b"],
+        expected={"loaded as": "list", "loaded": ["a", "b"], "UPDATEs": 0, "stored": ["a", "b"]},
+        observed={
+            "loaded as": type(loaded).__name__,
+            "loaded": before,
+            "UPDATEs": updates(sent),
+            "stored": tags,
+        },
     )
 
     async with lab.sessions() as session:
@@ -379,9 +466,8 @@ async def array_mutation(lab: Lab, user_id: int) -> None:
         "ARRAY: append, then reassign a copy: still not saved",
         "The ORM remembers the loaded list object as the old value; after an in-place "
         "append it equals the new list, so the reassignment is no net change: no UPDATE.",
-        expected="0 UPDATE; stored ['a', 'b']",
-        observed=f"{updates(sent)} UPDATE; stored {tags!r}",
-        passed=updates(sent) == 0 and tags == ["a", "b"],
+        expected={"UPDATEs": 0, "stored": ["a", "b"]},
+        observed={"UPDATEs": updates(sent), "stored": tags},
     )
 
     async with lab.sessions() as session:
@@ -400,13 +486,18 @@ async def array_mutation(lab: Lab, user_id: int) -> None:
         "ARRAY: a new list, or MutableList.append, is saved",
         "Assigning a new, different list (without touching the loaded one) is an UPDATE; "
         "mapped with MutableList.as_mutable(ARRAY), an in-place append is one too.",
-        expected="1 UPDATE -> ['a', 'b', 'c']; 1 UPDATE -> ['a', 'b', 'c', 'd']",
-        observed=f"{updates(sent)} UPDATE -> {tags!r}; "
-        f"{updates(sent_mutable)} UPDATE -> {tags_mutable!r}",
-        passed=updates(sent) == 1
-        and tags == ["a", "b", "c"]
-        and updates(sent_mutable) == 1
-        and tags_mutable == ["a", "b", "c", "d"],
+        expected={
+            "new list: UPDATEs": 1,
+            "new list: stored": ["a", "b", "c"],
+            "MutableList.append: UPDATEs": 1,
+            "MutableList.append: stored": ["a", "b", "c", "d"],
+        },
+        observed={
+            "new list: UPDATEs": updates(sent),
+            "new list: stored": tags,
+            "MutableList.append: UPDATEs": updates(sent_mutable),
+            "MutableList.append: stored": tags_mutable,
+        },
     )
 
 
@@ -414,6 +505,7 @@ async def array_mutation(lab: Lab, user_id: int) -> None:
 
 PREPARED = "SELECT name, generic_plans + custom_plans FROM pg_prepared_statements "
 PREPARED += "WHERE statement LIKE $1 ORDER BY prepare_time, name"
+ASYNCPG_NAME = "__asyncpg_stmt_"
 
 
 @dataclass
@@ -421,42 +513,25 @@ class Prepared:
     """What pg_prepared_statements showed for the marked statement, in one configuration."""
 
     label: str
-    names: list[str] = field(default_factory=list)  # every name seen, in order, distinct
-    visible: list[int] = field(default_factory=list)  # rows visible after each execution
-    final: list[tuple[str, int]] = field(default_factory=list)  # (name, executions) at the end
+    names: list[str] = field(default_factory=list)
+    """Every name seen, in order, distinct."""
+    visible: list[int] = field(default_factory=list)
+    """Rows visible after each execution."""
+    final: list[tuple[str, int]] = field(default_factory=list)
+    """(name, executions) of each row at the end."""
     seconds: float = 0.0
 
-    def summary(self) -> str:
-        names = sorted(set(self.names))
-        shown = ", ".join(n or "''" for n in names[:2]) + (", ..." if len(names) > 2 else "")
-        final = ", ".join(f"{n}x{runs}" for n, runs in self.final) or "none"
-        return (
-            f"{len(names)} distinct name(s) [{shown}], at most {max(self.visible, default=0)} "
-            f"visible at once; at the end: {final}"
-        )
+    def observed(self) -> dict[str, Any]:
+        return {
+            "distinct names": len(self.names),
+            "most visible at once": max(self.visible, default=0),
+            "executions of those left at the end": [runs for _, runs in self.final],
+        }
 
 
-@asynccontextmanager
-async def scratch_engine(
-    lab: Lab, query: dict[str, str], **driver_args: Any
-) -> AsyncIterator[AsyncEngine]:
-    """An engine on another URL (query parameters changed), outside the shared pool."""
-    url = lab.db.target.url.update_query_dict(query)
-    engine = create_engine(
-        lab.db.settings,
-        Target(url),
-        poolclass=NullPool,
-        application_name=lab.tag,
-        driver_args=driver_args,
-    )
-    try:
-        yield engine
-    finally:
-        await engine.dispose()
-
-
-async def observe_prepared(lab: Lab, engine: AsyncEngine, label: str, executions: int) -> Prepared:
+async def observe_prepared(lab: Lab[Sizes], engine: AsyncEngine, label: str) -> Prepared:
     """Run one marked SELECT ``executions`` times on ONE connection, watching the server."""
+    executions = lab.sizes.executions
     marker = f"{lab.tag.replace('-', '_')}probe"
     statement = select(User.id.label(marker)).where(User.username == bindparam("name"))
     seen = Prepared(label)
@@ -474,7 +549,7 @@ async def observe_prepared(lab: Lab, engine: AsyncEngine, label: str, executions
         await snapshot()
         for i in range(executions):
             started = time.perf_counter()
-            await conn.execute(statement, {"name": f"{lab.tag}nobody-{i}"})
+            await conn.execute(statement, {"name": lab.name(f"nobody-{i}")})
             seen.seconds += time.perf_counter() - started
             rows = await snapshot()
             seen.visible.append(len(rows))
@@ -486,41 +561,47 @@ async def observe_prepared(lab: Lab, engine: AsyncEngine, label: str, executions
     return seen
 
 
-async def prepared_statements(lab: Lab, executions: int) -> None:
-    async with scratch_engine(lab, {}) as engine:
-        default = await observe_prepared(lab, engine, "default cache", executions)
-    names = sorted(set(default.names))
+@run.scenario
+async def prepared_statement_cache(lab: Lab[Sizes]) -> None:
+    """Run the same SELECT ``executions`` times on one connection of a NullPool engine,
+    with the default caches, with prepared_statement_cache_size=0, and with asyncpg's
+    statement_cache_size=0 as well, reading pg_prepared_statements after each execution."""
+    asyncpg_only(lab)
+    executions = lab.sizes.executions
+    default = await observe_prepared(lab, lab.unpooled(), "default cache")
     lab.check(
         "default: prepared once, executed K times",
         f"On one connection, the same SELECT with {executions} different parameters is "
         "prepared once: pg_prepared_statements holds one named statement for it, executed "
         f"{executions} times (generic_plans + custom_plans).",
-        expected=f"1 distinct name, at the end: <name>x{executions}",
-        observed=default.summary(),
-        passed=len(names) == 1 and names[0] != "" and default.final == [(names[0], executions)],
+        expected={
+            "distinct names": 1,
+            "names": each(prefix(ASYNCPG_NAME)),
+            "most visible at once": 1,
+            "executions of those left at the end": [executions],
+        },
+        observed={**default.observed(), "names": default.names},
     )
 
-    async with scratch_engine(lab, {"prepared_statement_cache_size": "0"}) as engine:
-        uncached = await observe_prepared(
-            lab, engine, "prepared_statement_cache_size=0", executions
-        )
-    names = sorted(set(uncached.names))
+    uncached = await observe_prepared(
+        lab,
+        lab.unpooled(driver_args={"prepared_statement_cache_size": 0}),
+        "prepared_statement_cache_size=0",
+    )
     lab.check(
         "prepared_statement_cache_size=0: a new named statement per execution",
         "Turning SQLAlchemy's cache off does not stop server-side prepared statements: each "
         "execution prepares the statement again under a new asyncpg name "
         "(__asyncpg_stmt_N__), runs it once, and asyncpg closes it lazily (when the next one is "
         "prepared), so one is visible after each execution.",
-        expected=f"{executions} distinct __asyncpg_stmt_ names, at most 1 visible at once, "
-        "the last executed once",
-        observed=uncached.summary(),
-        passed=len(names) == executions
-        and all(n.startswith("__asyncpg_stmt_") for n in names)
-        and len(uncached.final) == 1
-        and all(runs == 1 for _, runs in uncached.final)
-        and max(uncached.visible) == 1,
+        expected={
+            "distinct names": executions,
+            "names": each(prefix(ASYNCPG_NAME)),
+            "most visible at once": 1,
+            "executions of those left at the end": [1],
+        },
+        observed={**uncached.observed(), "names": uncached.names},
     )
-
     lab.note(
         "count(*) of pg_prepared_statements for the statement after the run: "
         f"{len(default.final)} with the default cache, {len(uncached.final)} with "
@@ -528,20 +609,22 @@ async def prepared_statements(lab: Lab, executions: int) -> None:
         "and execution counts do"
     )
 
-    async with scratch_engine(
-        lab, {"prepared_statement_cache_size": "0"}, statement_cache_size=0
-    ) as engine:
-        unnamed = await observe_prepared(
-            lab, engine, "both caches 0 (unnamed statements)", executions
-        )
+    unnamed = await observe_prepared(
+        lab,
+        lab.unpooled(driver_args={"prepared_statement_cache_size": 0, "statement_cache_size": 0}),
+        "both caches 0 (unnamed statements)",
+    )
     lab.check(
         "plus asyncpg statement_cache_size=0: unnamed, nothing in the view",
         "With asyncpg's own statement_cache_size=0 as well, SQLAlchemy's prepare() gets the "
         "unnamed statement, which pg_prepared_statements does not list: nothing is ever "
         "visible (the setup PgBouncer in transaction mode needs).",
-        expected="0 distinct name(s), at most 0 visible at once; at the end: none",
-        observed=unnamed.summary(),
-        passed=not unnamed.names and not unnamed.final and max(unnamed.visible) == 0,
+        expected={
+            "distinct names": 0,
+            "most visible at once": 0,
+            "executions of those left at the end": [],
+        },
+        observed=unnamed.observed(),
     )
     if default.seconds > 0:
         lab.figure(
@@ -583,21 +666,27 @@ async def until(
     return got
 
 
-async def listen_notify(lab: Lab, notifications: int, quiet: float) -> None:
+@run.scenario
+async def listen_notify(lab: Lab[Sizes]) -> None:
+    """A listener (add_listener on the raw asyncpg connection of a NullPool engine) while
+    a sender notifies ``notifications`` payloads and one duplicate in an open transaction
+    and another session commits a sentinel; then the sender commits; then a rolled-back
+    notification and a committed one."""
+    asyncpg_only(lab)
+    quiet = lab.sizes.quiet
     channel = f"{lab.tag.replace('-', '_')}events"
     queue: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
 
     def on_notify(connection: Any, pid: int, channel: str, payload: str) -> None:
         queue.put_nowait((pid, payload))
 
-    listener_engine = lab.engine_with(poolclass=NullPool)  # the listener stays out of the pool
-    async with listener_engine.connect() as conn:
+    payloads = [f"message-{i}" for i in range(lab.sizes.notifications)]
+    async with lab.unpooled().connect() as conn:  # the listener stays out of the pool
         raw = await conn.get_raw_connection()
         driver = raw.driver_connection
         assert driver is not None
         await driver.add_listener(channel, on_notify)
         try:
-            payloads = [f"message-{i}" for i in range(notifications)]
             async with lab.sessions() as sender, lab.sessions() as other:
                 sender_pid = await sender.scalar(text("SELECT pg_backend_pid()"))
                 for payload in [*payloads, "duplicate", "duplicate"]:
@@ -630,15 +719,15 @@ async def listen_notify(lab: Lab, notifications: int, quiet: float) -> None:
         expected=["sentinel"],
         observed=before_commit,
     )
-    received = [p for _, p in after_commit] + after_commit_extra
-    pids = {pid for pid, _ in after_commit}
     lab.check(
         "NOTIFY: after COMMIT every payload, in order, duplicates folded",
         "At COMMIT the listener gets each payload in the order sent, from the sender's "
         "backend pid; the payload sent twice in the same transaction arrives once.",
-        expected=f"{[*payloads, 'duplicate']} from pid {sender_pid}",
-        observed=f"{received} from pid {', '.join(map(str, sorted(pids)))}",
-        passed=received == [*payloads, "duplicate"] and pids == {sender_pid},
+        expected={"payloads": [*payloads, "duplicate"], "from backend pids": [sender_pid]},
+        observed={
+            "payloads": [p for _, p in after_commit] + after_commit_extra,
+            "from backend pids": sorted({pid for pid, _ in after_commit}),
+        },
     )
     lab.check(
         "NOTIFY: a rolled-back transaction notifies nobody",

@@ -1,10 +1,13 @@
-"""Experiment 2: streaming a large result (the seed's second script).
+"""Does stream_scalars() with yield_per really read through a server-side cursor,
+deliver rows before the whole result is read, and keep memory bounded compared
+with .all()?
 
 ``AsyncSession.stream_scalars()`` with ``yield_per`` reads through a
 server-side cursor, so rows are handled in partitions while the rest of the
 result is still on the server; ``joinedload`` of the many-to-one ``user``
 comes along in the same rows. The alternative, ``(await
-session.scalars(...)).all()``, buffers every row and object first.
+session.scalars(...)).all()``, buffers every row and object first. The
+scenarios share one dataset (``points`` track points over ``users`` users).
 
 Sources: SQLAlchemy docs, "Asynchronous I/O (asyncio)" — "Using AsyncSession
 ... streaming results" (``AsyncSession.stream``, ``stream_scalars``); ORM
@@ -18,21 +21,46 @@ from __future__ import annotations
 import gc
 import time
 import tracemalloc
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Select, insert, inspect, select, text
 from sqlalchemy.exc import InvalidRequestError
-from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import joinedload
 
-from .harness import Lab, describe, experiment
+from .lab import BadSizes, Lab, at_least, at_most, describe, each, experiment, less_than, prefix
 from .models import TrackPoint, User
+
+
+@dataclass(frozen=True)
+class Sizes:
+    points: int = 5_000
+    """Track points in the dataset (all of them are streamed, then read with .all())."""
+    users: int = 20
+    """Users the track points are spread over."""
+    yield_per: int = 250
+    """Rows per partition of the stream (execution option yield_per)."""
+
+    def __post_init__(self) -> None:
+        if self.users < 1 or self.yield_per < 1:
+            raise BadSizes(f"users ({self.users}) and yield_per ({self.yield_per}) must be ≥ 1")
+        if self.points <= self.yield_per:
+            raise BadSizes(
+                f"points ({self.points}) must be more than yield_per ({self.yield_per}): "
+                "with a single partition the stream would show no partitioning"
+            )
+
+
+run = experiment(2, "Streaming a large result with yield_per", Sizes)
 
 # named cursors/portals only: the query below runs in the unnamed portal itself
 OPEN_CURSORS = text("SELECT count(*) FROM pg_cursors WHERE name <> ''")
 
 
-def points_of(lab: Lab) -> Select[TrackPoint]:
+def points_of(lab: Lab[Sizes]) -> Select[TrackPoint]:
+    """The run's track points, each with its user joined in (many-to-one)."""
     return (
         select(TrackPoint)
         .join(TrackPoint.user)
@@ -42,67 +70,123 @@ def points_of(lab: Lab) -> Select[TrackPoint]:
     )
 
 
-async def seed(session: AsyncSession, lab: Lab, users: int, points: int) -> None:
-    """``users`` users and ``points`` track points spread over them (Core insertmanyvalues)."""
-    ids = list(
-        (
-            await session.scalars(
-                insert(User).returning(User.id),
-                [{"username": f"{lab.tag}walker-{i}"} for i in range(users)],
-            )
-        ).all()
-    )
+@asynccontextmanager
+async def dataset(lab: Lab[Sizes]) -> AsyncIterator[None]:
+    """``users`` users and ``points`` track points spread over them (Core insertmanyvalues),
+    committed once for every scenario. The lab deletes them after the run (the users
+    cascade to their points)."""
+    size = lab.sizes
     start = datetime(2024, 5, 1, tzinfo=UTC)
-    await session.execute(
-        insert(TrackPoint),
-        [
-            {
-                "user_id": ids[i % users],
-                "lat": 45.0 + (i % 1000) / 1e4,
-                "lon": 6.0 + (i // 1000) / 1e4,
-                "date": start + timedelta(seconds=i),
-            }
-            for i in range(points)
-        ],
+    with lab.timed("seed (Core insert, insertmanyvalues)"):
+        async with lab.sessions.begin() as session:
+            ids = list(
+                (
+                    await session.scalars(
+                        insert(User).returning(User.id),
+                        [{"username": lab.name(f"walker-{i}")} for i in range(size.users)],
+                    )
+                ).all()
+            )
+            await session.execute(
+                insert(TrackPoint),
+                [
+                    {
+                        "user_id": ids[i % size.users],
+                        "lat": 45.0 + (i % 1000) / 1e4,
+                        "lon": 6.0 + (i // 1000) / 1e4,
+                        "date": start + timedelta(seconds=i),
+                    }
+                    for i in range(size.points)
+                ],
+            )
+    yield
+
+
+@run.scenario
+async def stream_in_partitions(lab: Lab[Sizes]) -> None:
+    """Stream the track points with yield_per, partition by partition, asking pg_cursors
+    during the stream, after it is exhausted and after COMMIT."""
+    size = lab.sizes
+    await lab.use(dataset)
+    sizes: list[int] = []
+    user_unloaded = inspected = cursors_during = 0
+    first_partition_at = float("nan")
+    async with lab.sessions() as session:
+        started = time.perf_counter()
+        result = await session.stream_scalars(
+            points_of(lab).execution_options(yield_per=size.yield_per)
+        )
+        async for partition in result.partitions():
+            if not sizes:
+                first_partition_at = time.perf_counter() - started
+                cursors_during = await session.scalar(OPEN_CURSORS) or 0
+            sizes.append(len(partition))
+            inspected += len(partition)
+            user_unloaded += sum("user" in inspect(p).unloaded for p in partition)
+        stream_seconds = time.perf_counter() - started
+        cursors_exhausted = await session.scalar(OPEN_CURSORS) or 0
+        await session.commit()
+        cursors_after = await session.scalar(OPEN_CURSORS) or 0
+    lab.check(
+        "server-side cursor open while streaming",
+        "While the stream is being read, the session's connection holds an open named "
+        "cursor/portal (pg_cursors); it is gone once the transaction ends.",
+        expected={"named cursors during the stream": at_least(1), "after COMMIT": 0},
+        observed={"named cursors during the stream": cursors_during, "after COMMIT": cursors_after},
     )
+    lab.check(
+        "rows arrive in yield_per partitions",
+        "The stream hands rows over in partitions of at most yield_per rows, so the first "
+        "rows are processed while the rest are still on the server.",
+        expected={
+            "partitions (more than one)": -(-size.points // size.yield_per),
+            "rows per partition": each(at_most(size.yield_per)),
+            "rows streamed": size.points,
+        },
+        observed={
+            "partitions (more than one)": len(sizes),
+            "rows per partition": sizes,
+            "rows streamed": sum(sizes),
+        },
+    )
+    lab.check(
+        "joinedload works with yield_per (many-to-one)",
+        "joinedload(TrackPoint.user) arrives in the same rows: no streamed point has its "
+        "user unloaded (which would need a lazy load, i.e. MissingGreenlet in async).",
+        expected={"points inspected": size.points, "with user unloaded": 0},
+        observed={"points inspected": inspected, "with user unloaded": user_unloaded},
+    )
+    lab.note(
+        f"Named cursors still open after the stream was exhausted, before COMMIT: "
+        f"{cursors_exhausted}. With asyncpg the server-side portal lives until the "
+        "transaction ends, not until the last row is read; a long transaction keeps it."
+    )
+    lab.figure("stream: first partition after", first_partition_at, "s")
+    lab.figure("stream: whole result", stream_seconds, "s")
 
 
-@experiment(2, "Streaming a large result with yield_per")
-async def run(lab: Lab, *, points: int = 10_000, users: int = 20, yield_per: int = 500) -> None:
-    """Does stream_scalars() with yield_per really read through a server-side cursor,
-    deliver rows before the whole result is read, and keep memory bounded compared
-    with .all()?"""
-    async with lab.sessions.begin() as session:
-        with lab.timed("seed (Core insert, insertmanyvalues)"):
-            await seed(session, lab, users, points)
-
-    # 1. stream, partition by partition, watching the server-side cursor
+@run.scenario
+async def memory_stream_versus_all(lab: Lab[Sizes]) -> None:
+    """Peak Python memory (tracemalloc) of streaming the track points with yield_per, then
+    of reading the same rows with .all()."""
+    size = lab.sizes
+    await lab.use(dataset)
     gc.collect()
     tracemalloc.start()
     try:
-        streamed = partitions = oversized = cursors_while = cursors_exhausted = 0
-        users_loaded = True
-        first_row_at = 0.0
+        streamed = 0
+        first_partition_at = float("nan")
         async with lab.sessions() as session:
             started = time.perf_counter()
             result = await session.stream_scalars(
-                points_of(lab).execution_options(yield_per=yield_per)
+                points_of(lab).execution_options(yield_per=size.yield_per)
             )
             async for partition in result.partitions():
-                if partitions == 0:
-                    first_row_at = time.perf_counter() - started
-                    cursors_while = await session.scalar(OPEN_CURSORS) or 0
-                partitions += 1
-                oversized += len(partition) > yield_per
+                if not streamed:
+                    first_partition_at = time.perf_counter() - started
                 streamed += len(partition)
-                users_loaded &= all("user" not in inspect(p).unloaded for p in partition)
-            stream_seconds = time.perf_counter() - started
-            cursors_exhausted = await session.scalar(OPEN_CURSORS) or 0
-            await session.commit()
-            cursors_after = await session.scalar(OPEN_CURSORS) or 0
         stream_peak = tracemalloc.get_traced_memory()[1]
 
-        # 2. the same rows with .all()
         gc.collect()
         tracemalloc.reset_peak()
         async with lab.sessions() as session:
@@ -114,73 +198,50 @@ async def run(lab: Lab, *, points: int = 10_000, users: int = 20, yield_per: int
         all_peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-
-    lab.check(
-        "server-side cursor open while streaming",
-        "While the stream is being read, the session's connection holds an open named "
-        "cursor/portal (pg_cursors); it is gone once the transaction ends.",
-        expected="≥ 1 during, 0 after COMMIT",
-        observed=f"{cursors_while} during, {cursors_after} after COMMIT",
-        passed=cursors_while >= 1 and cursors_after == 0,
-    )
-    expected_partitions = -(-points // yield_per)
-    lab.check(
-        "rows arrive in yield_per partitions",
-        "The stream hands rows over in partitions of at most yield_per rows, so the first "
-        "rows are processed while the rest are still on the server.",
-        expected=f"{expected_partitions} partitions of ≤ {yield_per} rows, {points} rows",
-        observed=f"{partitions} partitions ({oversized} larger), {streamed} rows",
-        passed=partitions == expected_partitions and oversized == 0 and streamed == points,
-    )
-    lab.check(
-        "joinedload works with yield_per (many-to-one)",
-        "joinedload(TrackPoint.user) arrives in the same rows: no streamed point has its "
-        "user unloaded (which would need a lazy load, i.e. MissingGreenlet in async).",
-        expected=True,
-        observed=users_loaded,
-    )
     lab.check(
         "streaming keeps memory bounded",
         "Peak Python memory while streaming (tracemalloc) is well below the peak of "
         "buffering the same rows with .all().",
-        expected=f"stream peak < 1/2 of .all() peak; .all() got {points} rows",
-        observed=f"{stream_peak / 2**20:.1f} MiB vs {all_peak / 2**20:.1f} MiB; "
-        f".all() got {buffered} rows",
-        passed=stream_peak < all_peak / 2 and buffered == points,
+        expected={
+            "rows streamed": size.points,
+            ".all() rows": size.points,
+            "stream peak / .all() peak": less_than(0.5),
+        },
+        observed={
+            "rows streamed": streamed,
+            ".all() rows": buffered,
+            "stream peak / .all() peak": stream_peak / max(all_peak, 1),
+        },
     )
-    refused = await joined_collection_with_yield_per(lab, yield_per)
-    lab.check(
-        "yield_per refuses joinedload of a collection",
-        "Joined eager loading of a one-to-many collection cannot be combined with "
-        "yield_per (a parent's rows could straddle partitions): SQLAlchemy raises.",
-        expected="InvalidRequestError",
-        observed=refused,
-        passed=refused.startswith("InvalidRequestError"),
-    )
-    lab.note(
-        f"Named cursors still open after the stream was exhausted, before COMMIT: "
-        f"{cursors_exhausted}. With asyncpg the server-side portal lives until the "
-        "transaction ends, not until the last row is read; a long transaction keeps it."
-    )
-    lab.figure("stream: first partition after", first_row_at, "s")
-    lab.figure(".all(): first row after", all_first_row_at, "s")
-    lab.figure("stream: whole result", stream_seconds, "s")
+    lab.figure("stream: first partition after (tracemalloc on)", first_partition_at, "s")
+    lab.figure(".all(): first row after (tracemalloc on)", all_first_row_at, "s")
     lab.figure("stream peak memory", stream_peak / 2**20, "MiB")
     lab.figure(".all() peak memory", all_peak / 2**20, "MiB")
     lab.figure(".all() peak / stream peak", all_peak / max(stream_peak, 1), "x")
 
 
-async def joined_collection_with_yield_per(lab: Lab, yield_per: int) -> str:
+@run.scenario
+async def yield_per_refuses_joined_collection(lab: Lab[Sizes]) -> None:
+    """Stream the users with joinedload of their track points (one-to-many) and yield_per."""
+    await lab.use(dataset)
     async with lab.sessions() as session:
         try:
             result = await session.stream_scalars(
                 select(User)
                 .where(User.username.startswith(lab.tag))
                 .options(joinedload(User.track_points))
-                .execution_options(yield_per=yield_per)
+                .execution_options(yield_per=lab.sizes.yield_per)
             )
             async for _ in result:
                 pass
         except InvalidRequestError as exc:
-            return describe(exc)
-    return "no error: the rows streamed"
+            refused = describe(exc)
+        else:
+            refused = "no error: the rows streamed"
+    lab.check(
+        "yield_per refuses joinedload of a collection",
+        "Joined eager loading of a one-to-many collection cannot be combined with "
+        "yield_per (a parent's rows could straddle partitions): SQLAlchemy raises.",
+        expected=prefix("InvalidRequestError"),
+        observed=refused,
+    )

@@ -1,4 +1,7 @@
-"""Experiment 4: sessions and tasks.
+"""What happens when concurrent tasks share one AsyncSession (concurrent reads, and the
+session closed by `async with` while a task still uses it), how much does one session
+per task gain with N parallel pg_sleep calls, and how does async_scoped_session scoped
+to the current task hand out and keep sessions?
 
 One ``AsyncSession`` is one transaction on at most one connection: what
 happens when several asyncio tasks share it (concurrent reads; the session
@@ -6,9 +9,10 @@ closed by ``async with`` while a task still uses it), how much one session
 per task buys in wall time, and how ``async_scoped_session`` keyed on
 ``asyncio.current_task`` hands out and keeps sessions.
 
-Every misuse runs on its own small engine (``lab.engine_with``) whose
-connections carry their own ``application_name``, so ``pg_stat_activity``
-shows exactly what the misuse left behind and nothing reaches the shared pool.
+Every misuse runs on its own small engine (``lab.one_connection``, or
+``lab.engine_with`` for a bigger pool) whose connections carry their own
+``application_name``, so ``pg_stat_activity`` shows exactly what the misuse
+left behind and nothing reaches the shared pool.
 
 Sources:
 
@@ -45,20 +49,50 @@ from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
 
 from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import (
-    AsyncEngine,
-    AsyncSession,
-    async_scoped_session,
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_scoped_session
+
+from .lab import (
+    BadSizes,
+    Lab,
+    at_least,
+    capture,
+    contains,
+    describe,
+    each,
+    experiment,
+    matches,
+    more_than,
+    one_transaction,
+    outcome,
+    prefix,
+    probes,
 )
 
-from . import probes
-from .capture import Captured, captured, manual_gc
-from .db import create_session_factory
-from .harness import Lab, describe, experiment, one_transaction, outcome
-from .probes import checked_out
 
-POOL_TIMEOUT = 0.5  # seconds a checkout waits on the misuse engines: bounds "next use"
+@dataclass(frozen=True)
+class Sizes:
+    tasks: int = 5
+    """Concurrent tasks (reads on one session, one session each, scoped sessions)."""
+    sleep: float = 0.2
+    """Seconds each task's pg_sleep read lasts (shared reads, one session per task)."""
+    race_sleep: float = 0.25
+    """Seconds the task's pg_sleep lasts while the block closes its session."""
+
+    def __post_init__(self) -> None:
+        if self.tasks < 2:
+            raise BadSizes(f"tasks ({self.tasks}) must be at least 2: nothing to share with one")
+        if self.sleep <= 0 or self.race_sleep <= 0:
+            raise BadSizes(
+                f"sleep ({self.sleep}) and race_sleep ({self.race_sleep}) must be positive: "
+                "the server must see the queries run"
+            )
+
+
+run = experiment(4, "Sessions and tasks", Sizes)
+
+POOL_TIMEOUT = 0.1  # seconds a checkout waits on the misuse engines: bounds "next use"
 WAIT_BOUND = 10.0  # upper bound for any wait on the server or on a task
+SAMPLE_EVERY = 0.005  # seconds between two samples of pg_stat_activity
 
 
 async def sleep_in(session: AsyncSession, seconds: float) -> int:
@@ -67,126 +101,130 @@ async def sleep_in(session: AsyncSession, seconds: float) -> int:
     return int(pid or 0)
 
 
-async def sleeping_on_server(lab: Lab, app: str) -> bool:
+async def sleeping_on_server(lab: Lab[Sizes], app: str) -> bool:
     """Wait (bounded) until one of ``app``'s backends runs pg_sleep; False if none did."""
     found = await probes.poll(
-        lambda: probes.sleepers(lab.engine, app), lambda n: n > 0, within=WAIT_BOUND, every=0.005
+        lambda: probes.sleepers(lab.engine, app),
+        lambda n: n > 0,
+        within=WAIT_BOUND,
+        every=SAMPLE_EVERY,
     )
     return found.held
 
 
-async def gather_sleeps(
-    lab: Lab, app: str, sleeps: Iterable[Awaitable[int]]
-) -> tuple[list[int | BaseException], float, int]:
-    """Gather ``sleeps`` (bounded, exceptions returned): their results, the wall time, and
-    the peak number of ``app``'s backends in pg_sleep at the same moment meanwhile."""
-    sampler = probes.Peak(lambda: probes.sleepers(lab.engine, app), within=WAIT_BOUND, every=0.005)
-    started = time.perf_counter()
-    async with asyncio.timeout(WAIT_BOUND):
-        results = await asyncio.gather(*sleeps, return_exceptions=True)
-    wall = time.perf_counter() - started
-    return results, wall, await sampler.stop()
+@dataclass
+class Gathered:
+    """What :func:`gather_sleeps` saw."""
+
+    results: list[int | BaseException]
+    wall: float
+    samples: list[int]
+    """``app``'s backends in pg_sleep, sampled all along the gather."""
+
+    @property
+    def outcomes(self) -> list[str]:
+        return ["ok" if isinstance(r, int) else describe(r) for r in self.results]
+
+    @property
+    def pids(self) -> set[int]:
+        return {r for r in self.results if isinstance(r, int)}
+
+    @property
+    def most_at_once(self) -> int:
+        return probes.peak(self.samples)
+
+    @property
+    def samples_in_sleep(self) -> int:
+        """Samples that saw at least one pg_sleep: the sampler did watch the sleeps."""
+        return sum(n > 0 for n in self.samples)
 
 
-def misuse_engine(lab: Lab, name: str, pool_size: int = 1) -> tuple[AsyncEngine, str]:
-    """A small engine of its own (no overflow, short pool timeout) named ``<tag><name>``."""
-    app = f"{lab.tag}{name}"
-    engine = lab.engine_with(
-        pool_size=pool_size, max_overflow=0, pool_timeout=POOL_TIMEOUT, application_name=app
-    )
-    return engine, app
-
-
-@experiment(4, "Sessions and tasks")
-async def run(lab: Lab, *, tasks: int = 5, sleep: float = 0.2, race_sleep: float = 0.5) -> None:
-    """What happens when concurrent tasks share one AsyncSession (concurrent reads, and the
-    session closed by `async with` while a task still uses it), how much does one session
-    per task gain with N parallel pg_sleep calls, and how does async_scoped_session scoped
-    to the current task hand out and keep sessions?"""
-    await shared_session_reads(lab, tasks, sleep)
-    await close_races(lab, race_sleep)
-    await session_per_task(lab, tasks, sleep)
-    await scoped_sessions(lab, tasks)
+async def gather_sleeps(lab: Lab[Sizes], app: str, sleeps: Iterable[Awaitable[int]]) -> Gathered:
+    """Gather ``sleeps`` (bounded, exceptions returned) while sampling how many of
+    ``app``'s backends are in pg_sleep at the same moment."""
+    async with probes.Sampler(
+        lambda: probes.sleepers(lab.engine, app), every=SAMPLE_EVERY, within=WAIT_BOUND
+    ) as seen:
+        started = time.perf_counter()
+        async with asyncio.timeout(WAIT_BOUND):
+            results = await asyncio.gather(*sleeps, return_exceptions=True)
+        wall = time.perf_counter() - started
+    return Gathered(list(results), wall, seen.samples)
 
 
 # --- one session, N concurrent reads ------------------------------------------------------
 
 
-@dataclass
-class SharedReads:
-    results: list[str]
-    pids: set[int]
-    peak: int
-    wall: float
-    next_use: list[str]
-
-    def tally(self) -> str:
-        counts: dict[str, int] = {}
-        for result in self.results:
-            counts[result] = counts.get(result, 0) + 1
-        return "; ".join(f"{n} x {r}" for r, n in sorted(counts.items(), key=lambda x: -x[1]))
-
-
-async def shared_session_reads(lab: Lab, tasks: int, sleep: float) -> None:
-    found: dict[str, SharedReads] = {}
+@run.scenario
+async def concurrent_reads_on_one_session(lab: Lab[Sizes]) -> None:
+    """N tasks gather a pg_sleep read on ONE session, first a fresh one, then one that
+    already holds its connection, each on its own engine with room for N connections;
+    then two more transactions on each engine."""
+    tasks, sleep = lab.sizes.tasks, lab.sizes.sleep
+    found: dict[str, Gathered] = {}
+    next_use: dict[str, list[str]] = {}
     for variant in ("fresh", "holding"):
+        app = lab.name(f"reads-{variant}")
         # room for `tasks` connections: if the session could fan out, it would
-        engine, app = misuse_engine(lab, f"reads-{variant}", pool_size=tasks)
-        sessions = create_session_factory(engine)
+        engine = lab.engine_with(
+            pool_size=tasks, max_overflow=0, pool_timeout=POOL_TIMEOUT, application_name=app
+        )
+        sessions = lab.sessions_on(engine)
         async with sessions() as session:
             if variant == "holding":
                 await session.execute(select(1))
-            results, wall, peak = await gather_sleeps(
+            found[variant] = await gather_sleeps(
                 lab, app, (sleep_in(session, sleep) for _ in range(tasks))
             )
-        found[variant] = SharedReads(
-            ["ok" if isinstance(r, int) else describe(r) for r in results],
-            {r for r in results if isinstance(r, int)},
-            peak,
-            wall,
-            [await outcome(one_transaction(sessions)) for _ in range(2)],
-        )
+        next_use[variant] = [await outcome(one_transaction(sessions)) for _ in range(2)]
         await engine.dispose()
 
     fresh, holding = found["fresh"], found["holding"]
-    refused = [r for r in fresh.results if r != "ok"]
+    refused = [r for r in fresh.outcomes if r != "ok"]
     lab.check(
         "shared fresh session: one read runs, the others are refused",
         f"{tasks} tasks gather session.execute(SELECT pg_sleep) on ONE session that has no "
         "connection yet: the first task starts provisioning the connection, every other task "
         "is refused at once by SQLAlchemy's session state guard.",
-        expected=f"1 x ok; {tasks - 1} x InvalidRequestError: This session is provisioning a "
-        "new connection; concurrent operations are not permitted",
-        observed=fresh.tally(),
-        passed=fresh.results.count("ok") == 1
-        and len(refused) == tasks - 1
-        and all(
-            r.startswith("InvalidRequestError") and "provisioning a new connection" in r
-            for r in refused
-        ),
+        expected={
+            "ok": 1,
+            "refused": tasks - 1,
+            "refused with": each(matches(r"^InvalidRequestError: .*provisioning a new connection")),
+        },
+        observed={
+            "ok": fresh.outcomes.count("ok"),
+            "refused": len(refused),
+            "refused with": sorted(set(refused)),
+        },
     )
     lab.check(
         "shared session holding a connection: reads are queued, not refused",
         f"The same {tasks} reads on a session that already holds its connection all succeed: "
         "the asyncpg dialect queues them on that one connection (one backend, never two "
         "pg_sleep at once, although the pool had room for more): serialised, not parallel.",
-        expected=f"{tasks} x ok; 1 backend; peak 1 in pg_sleep at once",
-        observed=f"{holding.tally()}; {len(holding.pids)} backend(s); "
-        f"peak {holding.peak} in pg_sleep at once",
-        passed=holding.results.count("ok") == tasks
-        and len(holding.pids) == 1
-        and holding.peak == 1,
+        expected={
+            "reads": ["ok"] * tasks,
+            "backends": 1,
+            "most in pg_sleep at once": 1,
+            "samples that saw a pg_sleep": at_least(tasks),
+        },
+        observed={
+            "reads": holding.outcomes,
+            "backends": len(holding.pids),
+            "most in pg_sleep at once": holding.most_at_once,
+            "samples that saw a pg_sleep": holding.samples_in_sleep,
+        },
     )
     lab.check(
         "concurrent reads leave the pool healthy",
         "Unlike the shared-session writes of experiment 1, these concurrent reads leave no "
         "broken connection behind: the next two transactions on each engine work.",
-        expected="fresh: ok, ok; holding: ok, ok",
-        observed=f"fresh: {', '.join(fresh.next_use)}; holding: {', '.join(holding.next_use)}",
-        passed=all(r == "ok" for r in fresh.next_use + holding.next_use),
+        expected={"fresh": ["ok", "ok"], "holding": ["ok", "ok"]},
+        observed=next_use,
     )
     lab.figure(f"{tasks} reads shared on one session holding a connection", holding.wall, "s")
     lab.figure("shared-session reads: wall time / one sleep", holding.wall / sleep, "x")
+    lab.figure("samples of pg_stat_activity (holding)", len(holding.samples))
 
 
 # --- the session closed while a task still uses it ----------------------------------------
@@ -203,28 +241,32 @@ class Race:
     second_close: str = "?"
     checked_out_after_second_close: int = -1
     next_use: str = "?"
-    gathered: str = ""
+    gathered: list[str] = field(default_factory=list)
     # after the race's objects are dropped and collected
-    collected: Captured = field(default_factory=Captured)
+    collected: capture.Captured = field(default_factory=capture.Captured)
     checked_out_after_gc: int = -1
     pid: int = 0  # the task's backend
     backend_gone: bool = False  # that backend has left pg_stat_activity
     next_use_after_gc: str = "?"
 
+    @property
+    def warnings(self) -> str:
+        return "; ".join(self.collected.warning_lines(" <")) or "no warning"
 
-async def fail_when_sleeping(lab: Lab, app: str) -> None:
+
+async def fail_when_sleeping(lab: Lab[Sizes], app: str) -> None:
     await sleeping_on_server(lab, app)
     raise RuntimeError("another task failed")
 
 
-async def race(lab: Lab, engine: AsyncEngine, app: str, variant: str, sleep: float) -> Race:
+async def race(lab: Lab[Sizes], engine: AsyncEngine, app: str, variant: str) -> Race:
     """Leave ``async with sessions() as session:`` while a task still uses ``session``."""
-    sessions = create_session_factory(engine)
+    sessions = lab.sessions_on(engine)
     found = Race()
     job: asyncio.Task[int] | None = None
     try:
         async with sessions() as session:
-            job = asyncio.create_task(sleep_in(session, sleep))
+            job = asyncio.create_task(sleep_in(session, lab.sizes.race_sleep))
             if variant == "connecting":
                 await asyncio.sleep(0)  # the task has started to check out a connection
             elif variant == "query":
@@ -235,9 +277,9 @@ async def race(lab: Lab, engine: AsyncEngine, app: str, variant: str, sleep: flo
                 results = await asyncio.gather(
                     job, fail_when_sleeping(lab, app), return_exceptions=True
                 )
-                found.gathered = ", ".join(
+                found.gathered = [
                     describe(r) if isinstance(r, BaseException) else "ok" for r in results
-                )
+                ]
     except Exception as exc:
         found.block = describe(exc)
         found.context = describe(exc.__context__) if exc.__context__ is not None else "none"
@@ -248,55 +290,108 @@ async def race(lab: Lab, engine: AsyncEngine, app: str, variant: str, sleep: flo
         found.task = "ok"
     except Exception as exc:
         found.task = describe(exc)
-    found.checked_out_after_task = checked_out(engine)
+    found.checked_out_after_task = probes.checked_out(engine)
     found.idle_in_transaction = await probes.backends(lab.engine, app, state="idle in transaction")
     found.second_close = await outcome(session.close())
-    found.checked_out_after_second_close = checked_out(engine)
+    found.checked_out_after_second_close = probes.checked_out(engine)
     found.next_use = await outcome(one_transaction(sessions))  # bounded by POOL_TIMEOUT
     return found
 
 
-async def close_races(lab: Lab, sleep: float) -> None:
-    found: dict[str, Race] = {}
-    for variant in ("connecting", "query", "gather", "gather, return_exceptions"):
-        engine, app = misuse_engine(lab, f"race-{len(found)}")
-        with captured() as collected, manual_gc():
-            # only the collect at the end of captured() may reclaim a leaked connection
-            result = await race(lab, engine, app, variant, sleep)
-        result.collected = collected
-        result.checked_out_after_gc = checked_out(engine)
-        if result.checked_out_after_second_close:  # leaked until collected
-            # a terminated backend leaves pg_stat_activity a moment later
-            result.backend_gone = await backend_gone(lab, app, result.pid, within=2.0)
-        result.next_use_after_gc = await outcome(one_transaction(create_session_factory(engine)))
-        found[variant] = result
-        await engine.dispose()
+async def race_on_its_own_engine(lab: Lab[Sizes], variant: str, slug: str) -> Race:
+    """:func:`race` on a one-connection engine of its own (``application_name`` =
+    ``<tag>race-<slug>``), then garbage collection and one more transaction there."""
+    app = lab.name(f"race-{slug}")
+    engine = lab.one_connection(pool_timeout=POOL_TIMEOUT, application_name=app)
+    with capture.captured() as collected, capture.manual_gc():
+        # only the collect at the end of captured() may reclaim a leaked connection
+        result = await race(lab, engine, app, variant)
+    result.collected = collected
+    result.checked_out_after_gc = probes.checked_out(engine)
+    if result.checked_out_after_second_close:  # leaked until collected
+        # a terminated backend leaves pg_stat_activity a moment later
+        result.backend_gone = await backend_gone(lab, app, result.pid, within=2.0)
+    result.next_use_after_gc = await outcome(one_transaction(lab.sessions_on(engine)))
+    await engine.dispose()
+    return result
 
-    connecting = found["connecting"]
+
+async def backend_gone(lab: Lab[Sizes], app: str, pid: int, *, within: float) -> bool:
+    """Wait (bounded) until backend ``pid`` is no longer among ``app``'s connections."""
+    found = await probes.poll(
+        lambda: probes.backend_pids(lab.engine, app),
+        lambda pids: pid not in pids,
+        within=within,
+        every=SAMPLE_EVERY,
+    )
+    return found.held
+
+
+def check_collected(lab: Lab[Sizes], leaked: Race) -> None:
+    """The garbage collector's part of a leak (the same check for every leaking race)."""
+    lab.check(
+        "only the garbage collector gets a leaked connection back",
+        "Once the leaked session and task are dropped, garbage collection finds the connection "
+        "still checked out: the pool warns (SAWarning), logs an error, and terminates it; the "
+        "pool is then empty and usable again with a new connection.",
+        expected={
+            "warning": contains(
+                "SAWarning: The garbage collector is trying to clean up non-checked-in connection"
+            ),
+            "pool log errors": at_least(1),
+            "checked out after gc": 0,
+            "the task's backend": more_than(0),
+            "its backend gone": True,
+            "next use": "ok",
+        },
+        observed={
+            "warning": leaked.warnings,
+            "pool log errors": len(leaked.collected.logged),
+            "checked out after gc": leaked.checked_out_after_gc,
+            "the task's backend": leaked.pid,
+            "its backend gone": leaked.backend_gone,
+            "next use": leaked.next_use_after_gc,
+        },
+    )
+
+
+@run.scenario
+async def closed_while_the_task_connects(lab: Lab[Sizes]) -> None:
+    """create_task(session.execute(pg_sleep)), then leave the session's `async with` at
+    once, while the task is still checking out its connection."""
+    found = await race_on_its_own_engine(lab, "connecting", "connecting")
     lab.check(
         "closed while the task connects: IllegalStateChangeError",
         "The block exits right after create_task(session.execute(...)), while the task is "
         "still checking out its connection: close() is refused by the session's state guard, "
         "the task goes on and succeeds, and the connection it got stays checked out, 'idle in "
         "transaction', until a second close() returns it.",
-        expected="close: IllegalStateChangeError (_connection_for_bind() in progress); task: "
-        "still running, then ok; 1 checked out, 1 idle in transaction; second close: ok, "
-        "0 checked out",
-        observed=f"close: {connecting.block}; task: "
-        f"{'still running' if connecting.running_after_close else 'done'}, then {connecting.task}; "
-        f"{connecting.checked_out_after_task} checked out, {connecting.idle_in_transaction} "
-        f"idle in transaction; second close: {connecting.second_close}, "
-        f"{connecting.checked_out_after_second_close} checked out",
-        passed=connecting.block.startswith("IllegalStateChangeError")
-        and "_connection_for_bind()" in connecting.block
-        and connecting.running_after_close
-        and connecting.task == "ok"
-        and connecting.checked_out_after_task == 1
-        and connecting.idle_in_transaction == 1
-        and connecting.second_close == "ok"
-        and connecting.checked_out_after_second_close == 0,
+        expected={
+            "close": matches(r"^IllegalStateChangeError: .*_connection_for_bind\(\)"),
+            "task still running after the close": True,
+            "task": "ok",
+            "checked out": 1,
+            "idle in transaction": 1,
+            "second close": "ok",
+            "checked out after the second close": 0,
+        },
+        observed={
+            "close": found.block,
+            "task still running after the close": found.running_after_close,
+            "task": found.task,
+            "checked out": found.checked_out_after_task,
+            "idle in transaction": found.idle_in_transaction,
+            "second close": found.second_close,
+            "checked out after the second close": found.checked_out_after_second_close,
+        },
     )
-    query = found["query"]
+
+
+@run.scenario
+async def closed_while_the_query_runs(lab: Lab[Sizes]) -> None:
+    """create_task(session.execute(pg_sleep)), wait until the server runs the sleep, then
+    leave the session's `async with`; then drop the objects and collect garbage."""
+    found = await race_on_its_own_engine(lab, "query", "query")
     lab.check(
         "closed while the task's query runs: the connection leaks",
         "The block exits while the task's SELECT pg_sleep runs: close() fails in asyncpg "
@@ -304,107 +399,100 @@ async def close_races(lab: Lab, sleep: float) -> None:
         "The connection is neither returned nor invalidated: it stays checked out, its backend "
         "'idle in transaction'; a second close() succeeds but changes nothing; the next "
         "checkout waits pool_timeout and fails.",
-        expected="close: InterfaceError: ... another operation is in progress; task: still "
-        "running, then ok; 1 checked out, 1 idle in transaction; second close: ok, still 1 "
-        "checked out; next use: TimeoutError",
-        observed=f"close: {query.block}; task: "
-        f"{'still running' if query.running_after_close else 'done'}, then {query.task}; "
-        f"{query.checked_out_after_task} "
-        f"checked out, {query.idle_in_transaction} idle in transaction; second close: "
-        f"{query.second_close}, {query.checked_out_after_second_close} checked out; "
-        f"next use: {query.next_use}",
-        passed=query.block.startswith("InterfaceError")
-        and "another operation is in progress" in query.block
-        and query.running_after_close
-        and query.task == "ok"
-        and query.checked_out_after_task == 1
-        and query.idle_in_transaction == 1
-        and query.second_close == "ok"
-        and query.checked_out_after_second_close == 1
-        and query.next_use.startswith("TimeoutError"),
+        expected={
+            "close": matches(r"^InterfaceError: .*another operation is in progress"),
+            "task still running after the close": True,
+            "task": "ok",
+            "checked out": 1,
+            "idle in transaction": 1,
+            "second close": "ok",
+            "checked out after the second close": 1,
+            "next use": prefix("TimeoutError"),
+        },
+        observed={
+            "close": found.block,
+            "task still running after the close": found.running_after_close,
+            "task": found.task,
+            "checked out": found.checked_out_after_task,
+            "idle in transaction": found.idle_in_transaction,
+            "second close": found.second_close,
+            "checked out after the second close": found.checked_out_after_second_close,
+            "next use": found.next_use,
+        },
     )
-    gather = found["gather"]
+    check_collected(lab, found)
+
+
+@run.scenario
+async def gather_fails_inside_the_block(lab: Lab[Sizes]) -> None:
+    """Inside the session's `async with`, gather the pg_sleep task with a task that fails
+    once the sleep runs on the server; then drop the objects and collect garbage."""
+    found = await race_on_its_own_engine(lab, "gather", "gather")
     lab.check(
         "gather + async with: the close error replaces the task's error",
         "gather() raises as soon as one task fails (RuntimeError) while the other task's query "
         "still runs, so the block closes the session under it: what leaves the block is the "
         "close's InterfaceError, the RuntimeError survives only as its __context__; the "
         "running task still succeeds and the connection leaks as above.",
-        expected="InterfaceError (context: RuntimeError); task: still running, then ok; "
-        "1 checked out; next use: TimeoutError",
-        observed=f"{gather.block} (context: {gather.context}); task: "
-        f"{'still running' if gather.running_after_close else 'done'}, then {gather.task}; "
-        f"{gather.checked_out_after_task} checked out; next use: {gather.next_use}",
-        passed=gather.block.startswith("InterfaceError")
-        and gather.context.startswith("RuntimeError")
-        and gather.running_after_close
-        and gather.task == "ok"
-        and gather.checked_out_after_task == 1
-        and gather.next_use.startswith("TimeoutError"),
+        expected={
+            "leaves the block": prefix("InterfaceError"),
+            "its __context__": prefix("RuntimeError"),
+            "task still running after the close": True,
+            "task": "ok",
+            "checked out": 1,
+            "next use": prefix("TimeoutError"),
+        },
+        observed={
+            "leaves the block": found.block,
+            "its __context__": found.context,
+            "task still running after the close": found.running_after_close,
+            "task": found.task,
+            "checked out": found.checked_out_after_task,
+            "next use": found.next_use,
+        },
     )
-    leaked = [found["query"], found["gather"]]
-    lab.check(
-        "only the garbage collector gets a leaked connection back",
-        "Once the leaked session and task are dropped, garbage collection finds the connection "
-        "still checked out: the pool warns (SAWarning), logs an error, and terminates it; the "
-        "pool is then empty and usable again with a new connection.",
-        expected="per leak: SAWarning 'The garbage collector is trying to clean up "
-        "non-checked-in connection ...'; then 0 checked out, its backend gone: True, next use ok",
-        observed=" | ".join(
-            f"{'; '.join(r.collected.warning_lines(' <')) or 'no warning'}; "
-            f"pool log: {len(r.collected.logged)} error(s); "
-            f"{r.checked_out_after_gc} checked out, its backend gone: {r.backend_gone}, "
-            f"next use {r.next_use_after_gc}"
-            for r in leaked
-        ),
-        passed=all(
-            any("non-checked-in connection" in w for w in r.collected.warning_lines(" <"))
-            and r.checked_out_after_gc == 0
-            and r.pid != 0
-            and r.backend_gone
-            and r.next_use_after_gc == "ok"
-            for r in leaked
-        ),
-    )
-    fixed = found["gather, return_exceptions"]
+    check_collected(lab, found)
+
+
+@run.scenario
+async def gather_with_return_exceptions(lab: Lab[Sizes]) -> None:
+    """The same gather with return_exceptions=True inside the session's `async with`."""
+    found = await race_on_its_own_engine(lab, "gather, return_exceptions", "gather-rx")
     lab.check(
         "gather(return_exceptions=True) inside the block: clean close",
         "With return_exceptions=True, gather() returns only when every task is done, so the "
         "block closes an idle session: no error, the failure comes back as a result, the "
         "connection is returned, nothing to collect.",
-        expected="block: no error; results: ok, RuntimeError; 0 checked out; next use: ok; "
-        "no warning",
-        observed=f"block: {fixed.block}; results: {fixed.gathered}; "
-        f"{fixed.checked_out_after_task} checked out; next use: {fixed.next_use}; "
-        f"{'; '.join(fixed.collected.warning_lines(' <')) or 'no warning'}",
-        passed=fixed.block == "no error"
-        and fixed.gathered.startswith("ok, RuntimeError")
-        and fixed.checked_out_after_task == 0
-        and fixed.next_use == "ok"
-        and not fixed.collected.caught,
+        expected={
+            "block": "no error",
+            "results": ["ok", prefix("RuntimeError")],
+            "checked out": 0,
+            "next use": "ok",
+            "warnings": [],
+        },
+        observed={
+            "block": found.block,
+            "results": found.gathered,
+            "checked out": found.checked_out_after_task,
+            "next use": found.next_use,
+            "warnings": found.collected.warning_lines(" <"),
+        },
     )
-
-
-async def backend_gone(lab: Lab, app: str, pid: int, *, within: float) -> bool:
-    """Wait (bounded) until backend ``pid`` is no longer among ``app``'s connections."""
-    found = await probes.poll(
-        lambda: probes.backend_pids(lab.engine, app),
-        lambda pids: pid not in pids,
-        within=within,
-        every=0.005,
-    )
-    return found.held
 
 
 # --- one session per task -----------------------------------------------------------------
 
 
-async def session_per_task(lab: Lab, tasks: int, sleep: float) -> None:
-    app = f"{lab.tag}per-task"
+@run.scenario
+async def one_session_per_task(lab: Lab[Sizes]) -> None:
+    """N tasks, each with its own session on an engine with N warm connections, send their
+    pg_sleep together (a barrier); then the same N sleeps one after another on one session."""
+    tasks, sleep = lab.sizes.tasks, lab.sizes.sleep
+    app = lab.name("per-task")
     engine = lab.engine_with(
         pool_size=tasks, max_overflow=0, pool_timeout=WAIT_BOUND, application_name=app
     )
-    sessions = create_session_factory(engine)
+    sessions = lab.sessions_on(engine)
 
     async def warm() -> None:
         async with engine.connect() as conn:
@@ -420,7 +508,7 @@ async def session_per_task(lab: Lab, tasks: int, sleep: float) -> None:
             await ready.wait()  # so that all the sleeps are sent together
             return await sleep_in(session, sleep)
 
-    results, parallel, peak = await gather_sleeps(lab, app, (own_session() for _ in range(tasks)))
+    parallel = await gather_sleeps(lab, app, (own_session() for _ in range(tasks)))
 
     started = time.perf_counter()
     async with sessions() as session, asyncio.timeout(WAIT_BOUND):
@@ -428,123 +516,160 @@ async def session_per_task(lab: Lab, tasks: int, sleep: float) -> None:
             await sleep_in(session, sleep)
     sequential = time.perf_counter() - started
 
-    errors = [describe(r) for r in results if isinstance(r, BaseException)]
-    pids = {r for r in results if isinstance(r, int)}
     lab.check(
         "one session per task: the sleeps run side by side",
         f"{tasks} tasks, each with its own session, all succeed on {tasks} different backends, "
         f"and the server sees all {tasks} in pg_sleep at the same moment.",
-        expected=f"no error; {tasks} backends; peak {tasks} in pg_sleep at once",
-        observed=f"{'; '.join(errors) or 'no error'}; {len(pids)} backends; "
-        f"peak {peak} in pg_sleep at once",
-        passed=not errors and len(pids) == tasks and peak == tasks,
+        expected={
+            "errors": [],
+            "backends": tasks,
+            "most in pg_sleep at once": tasks,
+            "samples that saw a pg_sleep": at_least(1),
+        },
+        observed={
+            "errors": [o for o in parallel.outcomes if o != "ok"],
+            "backends": len(parallel.pids),
+            "most in pg_sleep at once": parallel.most_at_once,
+            "samples that saw a pg_sleep": parallel.samples_in_sleep,
+        },
     )
-    lab.figure(f"{tasks} x pg_sleep({sleep}), one session per task (gather)", parallel, "s")
+    lab.figure(f"{tasks} x pg_sleep({sleep}), one session per task (gather)", parallel.wall, "s")
     lab.figure(f"{tasks} x pg_sleep({sleep}), one after another on one session", sequential, "s")
-    lab.figure("speed-up (sequential / parallel)", sequential / parallel, "x")
+    lab.figure("speed-up (sequential / parallel)", sequential / parallel.wall, "x")
+    lab.figure("samples of pg_stat_activity (gather)", len(parallel.samples))
     await engine.dispose()
 
 
 # --- async_scoped_session(scopefunc=current_task) -----------------------------------------
 
 
-async def scoped_sessions(lab: Lab, tasks: int) -> None:
-    app = f"{lab.tag}scoped"
+def scoped_on_own_engine(
+    lab: Lab[Sizes], name: str
+) -> tuple[AsyncEngine, async_scoped_session[AsyncSession]]:
+    """A registry of sessions keyed on the current task, on an engine of its own with room
+    for every task (``application_name`` = ``<tag><name>``)."""
     engine = lab.engine_with(
-        pool_size=tasks, max_overflow=1, pool_timeout=WAIT_BOUND, application_name=app
+        pool_size=lab.sizes.tasks,
+        max_overflow=1,
+        pool_timeout=WAIT_BOUND,
+        application_name=lab.name(name),
     )
-    scoped = async_scoped_session(create_session_factory(engine), scopefunc=asyncio.current_task)
+    return engine, async_scoped_session(lab.sessions_on(engine), scopefunc=asyncio.current_task)
 
-    def registry_size() -> int:
-        return len(scoped.registry.registry)
 
-    # the current task
-    before = registry_size()
-    first, again = scoped(), scoped()
-    during = registry_size()
-    await scoped.remove()
-    after = registry_size()
-    lab.check(
-        "current task: one session, until remove()",
-        "Within one task every scoped() call returns the same session, held in the registry "
-        "under the task; await scoped.remove() closes it and empties that slot.",
-        expected="same object; registry 0 -> 1 -> 0",
-        observed=f"{'same' if first is again else 'different'} object; "
-        f"registry {before} -> {during} -> {after}",
-        passed=first is again and (before, during, after) == (0, 1, 0),
-    )
+def registry_size(scoped: async_scoped_session[AsyncSession]) -> int:
+    return len(scoped.registry.registry)
+
+
+async def use_scoped(
+    scoped: async_scoped_session[AsyncSession], *, remove: bool
+) -> tuple[AsyncSession, bool]:
+    """One task's use: its session, and whether scoped() stayed that session throughout
+    (also inside a coroutine it awaits); ``remove``: ``await scoped.remove()`` at the end."""
 
     async def nested() -> AsyncSession:
         await scoped.execute(select(1))
         return scoped()
 
-    async def use(remove: bool) -> tuple[AsyncSession, bool]:
-        try:
-            session = scoped()
-            inner = await nested()  # a coroutine awaited in the same task
-            return session, inner is session and scoped() is session
-        finally:
-            if remove:
-                await scoped.remove()
+    try:
+        session = scoped()
+        inner = await nested()  # a coroutine awaited in the same task
+        return session, inner is session and scoped() is session
+    finally:
+        if remove:
+            await scoped.remove()
 
-    # without remove(): the sessions (and their connections) outlive their tasks
+
+@run.scenario
+async def scoped_session_in_one_task(lab: Lab[Sizes]) -> None:
+    """async_scoped_session(scopefunc=current_task): scoped() twice in the current task,
+    then await scoped.remove()."""
+    engine, scoped = scoped_on_own_engine(lab, "scoped-one")
+    before = registry_size(scoped)
+    first, again = scoped(), scoped()
+    during = registry_size(scoped)
+    await scoped.remove()
+    after = registry_size(scoped)
+    lab.check(
+        "current task: one session, until remove()",
+        "Within one task every scoped() call returns the same session, held in the registry "
+        "under the task; await scoped.remove() closes it and empties that slot.",
+        expected={"scoped() twice: the same session": True, "registry size": [0, 1, 0]},
+        observed={
+            "scoped() twice: the same session": first is again,
+            "registry size": [before, during, after],
+        },
+    )
+    await engine.dispose()
+
+
+@run.scenario
+async def scoped_sessions_without_remove(lab: Lab[Sizes]) -> None:
+    """N gathered tasks each use scoped() (also in a coroutine they await) and end without
+    remove(); then the parent task's remove(), then the sessions closed by hand."""
+    tasks = lab.sizes.tasks
+    app = lab.name("scoped-kept")
+    engine, scoped = scoped_on_own_engine(lab, "scoped-kept")
     async with asyncio.timeout(WAIT_BOUND):
-        kept = await asyncio.gather(*(use(remove=False) for _ in range(tasks)))
-    distinct = len({id(s) for s, _ in kept})
-    stable = all(same for _, same in kept)
+        kept = await asyncio.gather(*(use_scoped(scoped, remove=False) for _ in range(tasks)))
     keys = list(scoped.registry.registry)
-    finished = sum(isinstance(k, asyncio.Task) and k.done() for k in keys)
-    held = checked_out(engine)
-    idle = await probes.backends(lab.engine, app, state="idle in transaction")
-    kept_size = registry_size()
+    observed = {
+        "registry size": registry_size(scoped),
+        "finished tasks in it": sum(isinstance(k, asyncio.Task) and k.done() for k in keys),
+        "checked out": probes.checked_out(engine),
+        "idle in transaction": await probes.backends(lab.engine, app, state="idle in transaction"),
+    }
     await scoped.remove()  # the parent task's remove() does not reach the children's sessions
-    after_parent_remove = registry_size()
+    observed["after the parent's remove()"] = registry_size(scoped)
     for session in list(scoped.registry.registry.values()):
         await session.close()
     scoped.registry.registry.clear()
-    released = checked_out(engine)
-    del kept, keys
-
+    observed["checked out once closed by hand"] = probes.checked_out(engine)
     lab.check(
         "different tasks, different sessions",
         f"{tasks} gathered tasks get {tasks} different sessions; inside each task (also in a "
         "coroutine it awaits) scoped() is always the same one.",
-        expected=f"{tasks} distinct sessions; stable within each task: True",
-        observed=f"{distinct} distinct sessions; stable within each task: {stable}",
-        passed=distinct == tasks and stable,
+        expected={"distinct sessions": tasks, "stable within each task": each(True)},
+        observed={
+            "distinct sessions": len({id(s) for s, _ in kept}),
+            "stable within each task": [same for _, same in kept],
+        },
     )
+    del kept, keys
     lab.check(
         "without remove(): finished tasks keep their sessions and connections",
         "When the tasks end without remove(), the registry still holds one entry per "
         "finished task (the Task object is the key), each session still holds its connection "
         "in an open transaction, and the parent's remove() clears only its own slot.",
-        expected=f"registry {tasks} ({tasks} finished tasks); {tasks} checked out, {tasks} "
-        f"idle in transaction; after the parent's remove(): {tasks}; closed by hand: 0 "
-        "checked out",
-        observed=f"registry {kept_size} "
-        f"({finished} finished tasks); {held} checked out, {idle} idle in transaction; "
-        f"after the parent's remove(): {after_parent_remove}; closed by hand: {released} "
-        "checked out",
-        passed=kept_size == tasks
-        and finished == tasks
-        and held == tasks
-        and idle == tasks
-        and after_parent_remove == tasks
-        and released == 0,
+        expected={
+            "registry size": tasks,
+            "finished tasks in it": tasks,
+            "checked out": tasks,
+            "idle in transaction": tasks,
+            "after the parent's remove()": tasks,
+            "checked out once closed by hand": 0,
+        },
+        observed=observed,
     )
+    await engine.dispose()
 
-    # with remove() at the end of each task
+
+@run.scenario
+async def scoped_sessions_with_remove(lab: Lab[Sizes]) -> None:
+    """The same N gathered tasks, each ending with await scoped.remove() in a finally."""
+    tasks = lab.sizes.tasks
+    engine, scoped = scoped_on_own_engine(lab, "scoped-removed")
     async with asyncio.timeout(WAIT_BOUND):
-        cleaned = await asyncio.gather(*(use(remove=True) for _ in range(tasks)))
+        cleaned = await asyncio.gather(*(use_scoped(scoped, remove=True) for _ in range(tasks)))
     lab.check(
         "remove() at the end of each task empties the registry",
         "The docs' rule: await scoped.remove() in a finally at the end of each task. Then "
         "the registry is empty and every connection is back in the pool.",
-        expected=f"{tasks} distinct sessions; registry 0; 0 checked out",
-        observed=f"{len({id(s) for s, _ in cleaned})} distinct sessions; "
-        f"registry {registry_size()}; {checked_out(engine)} checked out",
-        passed=len({id(s) for s, _ in cleaned}) == tasks
-        and registry_size() == 0
-        and checked_out(engine) == 0,
+        expected={"distinct sessions": tasks, "registry size": 0, "checked out": 0},
+        observed={
+            "distinct sessions": len({id(s) for s, _ in cleaned}),
+            "registry size": registry_size(scoped),
+            "checked out": probes.checked_out(engine),
+        },
     )
     await engine.dispose()

@@ -1,4 +1,6 @@
-"""Experiment 5: pool sizing and exhaustion.
+"""What happens when more sessions run at once than pool_size + max_overflow, how
+many server connections exist at the peak, do connections come back after each
+session, and what happens to a session never closed and an engine never disposed?
 
 An ``AsyncEngine`` holds at most ``pool_size + max_overflow`` connections. More
 concurrent sessions than that wait ``pool_timeout`` seconds for a connection and
@@ -34,49 +36,64 @@ never closed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
-from typing import Any
 
 from sqlalchemy import exc, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from . import probes
-from .capture import captured, manual_gc
-from .db import create_session_factory
-from .harness import Lab, describe, experiment, first_line, run_python
-from .probes import checked_out, queue_pool
+from .db import create_engine, create_session_factory, resolve_target
+from .lab import (
+    BadSizes,
+    Lab,
+    at_least,
+    capture,
+    child,
+    describe,
+    experiment,
+    first_line,
+    matches,
+    not_,
+    one_of,
+    probes,
+)
+from .settings import Settings
 
 GC_WARNING = "The garbage collector is trying to clean up non-checked-in connection"
+SAMPLE_EVERY = 0.05
+"""Seconds between two pg_stat_activity samples while a load runs."""
 
-# The child process of the "engine never disposed" case: it builds an engine the
-# project's way (DATABASE_URL / DB_SCHEMA from its environment), runs one query
-# and lets asyncio.run() end without ``await engine.dispose()``.
-CHILD = """
-import asyncio, os
-from sqlalchemy import text
-from orm_async_tests.db import create_engine, create_session_factory, resolve_target
-from orm_async_tests.settings import Settings
 
-async def main():
-    settings = Settings.from_env()
-    engine = create_engine(
-        settings, resolve_target(settings), application_name=os.environ["OAT_CHILD_APP"]
-    )
-    if os.environ.get("OAT_CHILD_LEAK_SESSION"):
-        session = create_session_factory(engine)()  # never closed either
-        print(await session.scalar(text("SELECT pg_backend_pid()")), flush=True)
-    else:
-        async with engine.connect() as conn:  # the connection goes back to the pool
-            print(await conn.scalar(text("SELECT pg_backend_pid()")), flush=True)
-    # no: await engine.dispose()
+@dataclass(frozen=True)
+class Sizes:
+    tasks: int = 6
+    """Sessions started at once."""
+    pool_size: int = 2
+    """pool_size of the engines under load."""
+    max_overflow: int = 1
+    """max_overflow of the engines under load."""
+    pool_timeout: float = 0.25
+    """Seconds a session waits for a connection before TimeoutError."""
+    hold: float = 0.5
+    """Seconds each session holds its connection (in pg_sleep)."""
 
-asyncio.run(main())
-"""
+    def __post_init__(self) -> None:
+        if self.hold <= self.pool_timeout:
+            raise BadSizes(
+                f"hold ({self.hold}) must exceed pool_timeout ({self.pool_timeout}), "
+                "or waiting sessions get a connection"
+            )
+
+
+run = experiment(5, "Pool sizing and exhaustion", Sizes)
+
+
+# ---------------------------------------------------------------------------------------------
+# the load: concurrent sessions, each holding a connection in pg_sleep
 
 
 @dataclass
@@ -87,30 +104,35 @@ class Load:
     timeouts: list[exc.TimeoutError] = field(default_factory=list)
     other_errors: list[str] = field(default_factory=list)
     waited: list[float] = field(default_factory=list)
-    peak_backends: int = 0
-    peak_sleeping: int = 0
-    peak_checked_out: int = 0
-    samples: int = 0
+    samples: list[dict[str, int]] = field(default_factory=list)
+    """Each sample: this engine's server connections, those in pg_sleep, its checked out."""
     seconds: float = 0.0
+
+    def peak(self, key: str) -> int:
+        return probes.peak([s[key] for s in self.samples])
+
+    def samples_under_load(self) -> int:
+        """Samples that saw at least one session in pg_sleep."""
+        return sum(s["in pg_sleep"] > 0 for s in self.samples)
+
+
+def pool_options(lab: Lab[Sizes]) -> dict[str, float]:
+    return {
+        "pool_size": lab.sizes.pool_size,
+        "max_overflow": lab.sizes.max_overflow,
+        "pool_timeout": lab.sizes.pool_timeout,
+    }
 
 
 async def run_load(
-    lab: Lab,
-    engine: AsyncEngine,
-    app: str,
-    *,
-    tasks: int,
-    hold: float,
-    gate: asyncio.Semaphore | None,
+    lab: Lab[Sizes], engine: AsyncEngine, app: str, gate: asyncio.Semaphore | None
 ) -> Load:
-    """``tasks`` concurrent sessions, each holding a connection in ``pg_sleep(hold)``.
-
-    A sampler counts this engine's server connections (all, and those in
-    pg_sleep) through ``lab.engine`` every 50 ms while the load runs.
-    """
-    sessions = create_session_factory(engine)
+    """``tasks`` concurrent sessions, each holding a connection in ``pg_sleep(hold)``,
+    while a sampler counts ``app``'s server connections (all, and those in pg_sleep,
+    through ``lab.engine``) and the engine's checked-out connections."""
+    tasks, hold = lab.sizes.tasks, lab.sizes.hold
+    sessions = lab.sessions_on(engine)
     load = Load()
-    stop = asyncio.Event()
 
     async def hold_one() -> None:
         async with sessions() as session:
@@ -132,183 +154,166 @@ async def run_load(
         else:
             load.finished += 1
 
-    async def sample() -> None:
-        while True:
-            total = await probes.backends(lab.engine, app)
-            sleeping = await probes.sleepers(lab.engine, app)
-            load.peak_backends = max(load.peak_backends, total)
-            load.peak_sleeping = max(load.peak_sleeping, sleeping)
-            load.peak_checked_out = max(load.peak_checked_out, checked_out(engine))
-            load.samples += 1
-            if stop.is_set():
-                return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.05)
+    async def sample() -> dict[str, int]:
+        return {
+            "connections": await probes.backends(lab.engine, app),
+            "in pg_sleep": await probes.sleepers(lab.engine, app),
+            "checked out": probes.checked_out(engine),
+        }
 
+    bound = hold * tasks + 30  # even one at a time, it ends by then
     started = time.perf_counter()
-    async with asyncio.timeout(hold * tasks + 30):  # even one at a time, it ends by then
-        sampler = asyncio.create_task(sample())
-        try:
-            await asyncio.gather(*(one() for _ in range(tasks)))
-        finally:
-            stop.set()
-            await sampler
+    async with (
+        asyncio.timeout(bound),
+        probes.Sampler(sample, every=SAMPLE_EVERY, within=bound) as seen,
+    ):
+        await asyncio.gather(*(one() for _ in range(tasks)))
     load.seconds = time.perf_counter() - started
+    load.samples = seen.samples
     return load
 
 
-async def settle(lab: Lab, app: str, want: int, within: float = 5.0) -> int:
+async def settle(lab: Lab[Sizes], app: str, want: int, within: float = 5.0) -> int:
     """Poll the server's count of ``app`` connections until it is ``want`` (bounded)."""
     found = await probes.poll(
-        lambda: probes.backends(lab.engine, app), lambda n: n == want, within=within, every=0.05
+        lambda: probes.backends(lab.engine, app), lambda n: n == want, within=within
     )
     return found.value
 
 
-@experiment(5, "Pool sizing and exhaustion")
-async def run(
-    lab: Lab,
-    *,
-    tasks: int = 6,
-    pool_size: int = 2,
-    max_overflow: int = 1,
-    pool_timeout: float = 0.5,
-    hold: float = 1.0,
-) -> None:
-    """What happens when more sessions run at once than pool_size + max_overflow, how
-    many server connections exist at the peak, do connections come back after each
-    session, and what happens to a session never closed and an engine never disposed?"""
-    if hold <= pool_timeout:
-        raise ValueError("hold must exceed pool_timeout, or waiting sessions get a connection")
-    children = asyncio.create_task(never_disposed(lab))  # child processes run meanwhile
-    try:
-        await exhaust_and_bound(
-            lab,
-            tasks=tasks,
-            hold=hold,
-            pool_size=pool_size,
-            max_overflow=max_overflow,
-            pool_timeout=pool_timeout,
-        )
-        await never_closed(lab, pool_timeout=pool_timeout)
-        await children
-    finally:
-        if not children.done():
-            children.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await children
+@run.scenario
+async def more_sessions_than_the_pool(lab: Lab[Sizes]) -> None:
+    """``tasks`` sessions at once, each holding its connection ``hold`` seconds, on an
+    engine of pool_size + max_overflow connections; pg_stat_activity sampled meanwhile;
+    then the pool after the load, and after dispose()."""
+    size = lab.sizes
+    limit = size.pool_size + size.max_overflow
+    app = lab.name("exhaust")
+    engine = lab.engine_with(application_name=app, **pool_options(lab))
+    flood = await run_load(lab, engine, app, gate=None)
 
-
-async def exhaust_and_bound(
-    lab: Lab,
-    *,
-    tasks: int,
-    hold: float,
-    pool_size: int,
-    max_overflow: int,
-    pool_timeout: float,
-) -> None:
-    limit = pool_size + max_overflow
-    sizes: dict[str, Any] = {
-        "pool_size": pool_size,
-        "max_overflow": max_overflow,
-        "pool_timeout": pool_timeout,
-    }
-    exhausted_app = f"{lab.tag}exhaust"
-    exhausted = lab.engine_with(application_name=exhausted_app, **sizes)
-    flood = await run_load(lab, exhausted, exhausted_app, tasks=tasks, hold=hold, gate=None)
-
-    predicted = max(0, tasks - limit)
+    predicted = max(0, size.tasks - limit)
     lab.check(
         "more sessions than the pool: the extra ones time out",
-        f"{tasks} sessions at once on pool_size={pool_size}, max_overflow={max_overflow}: "
-        f"{limit} get a connection, the other {predicted} wait pool_timeout={pool_timeout} s "
-        "(shorter than the hold) and fail with sqlalchemy.exc.TimeoutError.",
-        expected=f"{predicted} TimeoutError, {min(tasks, limit)} finished, no other error",
-        observed=f"{len(flood.timeouts)} TimeoutError, {flood.finished} finished, "
-        f"other errors: {'; '.join(flood.other_errors) or 'none'}",
-        passed=len(flood.timeouts) == predicted
-        and flood.finished == min(tasks, limit)
-        and not flood.other_errors,
+        f"{size.tasks} sessions at once on pool_size={size.pool_size}, "
+        f"max_overflow={size.max_overflow}: {limit} get a connection, the other {predicted} "
+        f"wait pool_timeout={size.pool_timeout} s (shorter than the hold) and fail with "
+        "sqlalchemy.exc.TimeoutError.",
+        expected={
+            "TimeoutError": predicted,
+            "finished": min(size.tasks, limit),
+            "other errors": [],
+        },
+        observed={
+            "TimeoutError": len(flood.timeouts),
+            "finished": flood.finished,
+            "other errors": flood.other_errors,
+        },
     )
     documented = (
-        f"QueuePool limit of size {pool_size} overflow {max_overflow} reached, "
-        f"connection timed out, timeout {pool_timeout:.2f}"
+        f"QueuePool limit of size {size.pool_size} overflow {size.max_overflow} reached, "
+        f"connection timed out, timeout {size.pool_timeout:.2f}"
     )
-    messages = sorted({first_line(e) for e in flood.timeouts})
-    codes = sorted({str(e.code) for e in flood.timeouts})
     lab.check(
         "the TimeoutError message (error 3o7r)",
         "The error names the pool's size, its overflow and the timeout, in the form of "
         "SQLAlchemy's error reference 3o7r, and carries that code.",
-        expected=f"[{documented!r}] code ['3o7r']",
-        observed=f"{messages} code {codes}",
-        passed=messages == [documented] and codes == ["3o7r"],
+        expected={"messages": [documented], "codes": ["3o7r"]},
+        observed={
+            "messages": sorted({first_line(e) for e in flood.timeouts}),
+            "codes": sorted({str(e.code) for e in flood.timeouts}),
+        },
     )
     lab.check(
         "peak server connections = pool_size + max_overflow",
         "While the pool is exhausted the server shows exactly pool_size + max_overflow "
         "connections for this engine, all in pg_sleep, never more (pg_stat_activity, "
-        f"sampled every 50 ms: {flood.samples} samples).",
-        expected=f"{limit} connections, {limit} in pg_sleep, {limit} checked out",
-        observed=f"{flood.peak_backends} connections, {flood.peak_sleeping} in pg_sleep, "
-        f"{flood.peak_checked_out} checked out",
-        passed=flood.peak_backends == flood.peak_sleeping == flood.peak_checked_out == limit,
+        f"sampled every {SAMPLE_EVERY * 1000:.0f} ms while the load runs).",
+        expected={
+            "peak connections": limit,
+            "peak in pg_sleep": limit,
+            "peak checked out": limit,
+            "samples that saw the load": at_least(1),
+        },
+        observed={
+            "peak connections": flood.peak("connections"),
+            "peak in pg_sleep": flood.peak("in pg_sleep"),
+            "peak checked out": flood.peak("checked out"),
+            "samples that saw the load": flood.samples_under_load(),
+        },
     )
-
-    bounded_app = f"{lab.tag}bounded"
-    bounded = lab.engine_with(application_name=bounded_app, **sizes)
-    gated = await run_load(
-        lab, bounded, bounded_app, tasks=tasks, hold=hold, gate=asyncio.Semaphore(limit)
-    )
-    lab.check(
-        "a Semaphore(pool_size + max_overflow) makes the same load finish",
-        f"The same {tasks} sessions behind asyncio.Semaphore({limit}) wait in the "
-        "application, not in the pool: all finish, no TimeoutError, and the server never "
-        f"sees more than {limit} connections.",
-        expected=f"{tasks} finished, 0 errors, peak {limit} connections",
-        observed=f"{gated.finished} finished, {len(gated.timeouts) + len(gated.other_errors)} "
-        f"errors, peak {gated.peak_backends} connections ({gated.peak_sleeping} in pg_sleep)",
-        passed=gated.finished == tasks
-        and not gated.timeouts
-        and not gated.other_errors
-        and gated.peak_backends == limit,
-    )
-
     lab.check(
         "connections are back after every session closed",
         "`async with session` returns its connection on exit, including after a "
-        "TimeoutError: with every session closed, pool.checkedout() is 0 on both engines.",
-        expected="exhausted engine: 0 checked out; bounded engine: 0 checked out",
-        observed=f"exhausted engine: {queue_pool(exhausted).status()}; "
-        f"bounded engine: {queue_pool(bounded).status()}",
-        passed=checked_out(exhausted) == 0 and checked_out(bounded) == 0,
+        "TimeoutError: with every session closed, pool.checkedout() is 0.",
+        expected={"checked out": 0},
+        observed={"checked out": probes.checked_out(engine)},
     )
-    kept = await settle(lab, exhausted_app, pool_size)
-    await exhausted.dispose()
-    after_dispose = await settle(lab, exhausted_app, 0)
-    await bounded.dispose()
+    lab.note(f"the pool after the load: {probes.queue_pool(engine).status()}")
+    kept = await settle(lab, app, size.pool_size)
+    await engine.dispose()
     lab.check(
         "idle connections stay open until dispose()",
         "After the load the pool closes its overflow connections on return and keeps "
         "pool_size connections open on the server; only dispose() closes those.",
-        expected=f"{pool_size} server connections after the load, 0 after dispose()",
-        observed=f"{kept} after the load, {after_dispose} after dispose()",
-        passed=kept == pool_size and after_dispose == 0,
+        expected={"server connections after the load": size.pool_size, "after dispose()": 0},
+        observed={
+            "server connections after the load": kept,
+            "after dispose()": await settle(lab, app, 0),
+        },
     )
     lab.figure("exhausted load, wall time", flood.seconds, "s")
     if flood.waited:
         lab.figure("mean wait before TimeoutError", sum(flood.waited) / len(flood.waited), "s")
+    lab.figure("pg_stat_activity samples", len(flood.samples), "samples")
+
+
+@run.scenario
+async def a_semaphore_in_front(lab: Lab[Sizes]) -> None:
+    """The same load on a fresh engine of the same sizes, behind an
+    asyncio.Semaphore(pool_size + max_overflow)."""
+    size = lab.sizes
+    limit = size.pool_size + size.max_overflow
+    app = lab.name("bounded")
+    engine = lab.engine_with(application_name=app, **pool_options(lab))
+    gated = await run_load(lab, engine, app, gate=asyncio.Semaphore(limit))
+    lab.check(
+        "a Semaphore(pool_size + max_overflow) makes the same load finish",
+        f"The same {size.tasks} sessions behind asyncio.Semaphore({limit}) wait in the "
+        "application, not in the pool: all finish, no TimeoutError, the server never "
+        f"sees more than {limit} connections, and every connection is back in the pool "
+        "afterwards.",
+        expected={
+            "finished": size.tasks,
+            "TimeoutError": 0,
+            "other errors": [],
+            "peak connections": limit,
+            "peak in pg_sleep": limit,
+            "checked out after the load": 0,
+        },
+        observed={
+            "finished": gated.finished,
+            "TimeoutError": len(gated.timeouts),
+            "other errors": gated.other_errors,
+            "peak connections": gated.peak("connections"),
+            "peak in pg_sleep": gated.peak("in pg_sleep"),
+            "checked out after the load": probes.checked_out(engine),
+        },
+    )
     lab.figure("bounded load, wall time", gated.seconds, "s")
-    lab.figure("pg_stat_activity samples (both loads)", flood.samples + gated.samples, "samples")
+    lab.figure("pg_stat_activity samples", len(gated.samples), "samples")
 
 
-async def leak_a_session(engine: AsyncEngine) -> tuple[int, str]:
+# ---------------------------------------------------------------------------------------------
+# a session never closed (this process, gc.collect())
+
+
+async def leak_a_session(lab: Lab[Sizes], engine: AsyncEngine) -> tuple[int, str]:
     """Open a session, run a query (it now holds a connection), drop it without close.
 
     Returns the server pid and the repr of the driver connection it held.
     """
-    session = create_session_factory(engine)()
+    session = lab.sessions_on(engine)()
     pid = await session.scalar(text("SELECT pg_backend_pid()"))
     raw = await (await session.connection()).get_raw_connection()
     return int(pid or 0), repr(raw.dbapi_connection)
@@ -318,44 +323,49 @@ def masked(message: str) -> str:
     return re.sub(r"0x[0-9a-f]+", "0x…", message)
 
 
-async def never_closed(lab: Lab, *, pool_timeout: float) -> None:
-    app = f"{lab.tag}gc"
-    engine = lab.engine_with(
-        application_name=app, pool_size=1, max_overflow=0, pool_timeout=pool_timeout
-    )
+def lines(found: list[warnings.WarningMessage]) -> list[str]:
+    """``"SAWarning: message"`` of each warning, object addresses masked."""
+    return [f"{w.category.__name__}: {masked(str(w.message))}" for w in found]
+
+
+@run.scenario
+async def a_session_never_closed(lab: Lab[Sizes]) -> None:
+    """On a pool of one, a session runs a query and is dropped without close(); with
+    automatic garbage collection off, the pool and the server are read before and after
+    an explicit gc.collect(), with warnings and the pool's log recorded; then the next
+    session on that pool."""
+    app = lab.name("gc")
+    engine = lab.one_connection(application_name=app, pool_timeout=lab.sizes.pool_timeout)
     gc.collect()  # garbage from before is not ours: collected outside the capture below
-    with captured(level=logging.DEBUG, collect=False) as got:
+    with capture.captured(level=logging.DEBUG, collect=False) as got:
         caught = got.caught
-        with manual_gc():  # from here on, only our gc.collect() collects
-            pid, raw = await leak_a_session(engine)
+        with capture.manual_gc():  # from here on, only our gc.collect() collects
+            pid, raw = await leak_a_session(lab, engine)
             ours_before = [w for w in caught if raw in str(w.message)]
-            held_before = checked_out(engine)
+            held_before = probes.checked_out(engine)
             server_before = await probes.backends(lab.engine, app)
             gc.collect()
             ours = [w for w in caught if raw in str(w.message)]
-            held_after = checked_out(engine)
+            held_after = probes.checked_out(engine)
     others = [w for w in caught if raw not in str(w.message)]
     if others:
-        lab.note(
-            "other warnings caught during the gc.collect(): "
-            + "; ".join(f"{w.category.__name__}: {masked(str(w.message))}" for w in others)
-        )
+        lab.note("other warnings caught during the gc.collect(): " + "; ".join(lines(others)))
     server_after = await settle(lab, app, 0)
-    async with create_session_factory(engine)() as session:
+    async with lab.sessions_on(engine)() as session:
         new_pid = int(await session.scalar(text("SELECT pg_backend_pid()")) or 0)
-    await engine.dispose()
 
     lab.check(
         "a session never closed keeps its connection until the GC runs",
         "An AsyncSession dropped without close() is not freed by reference counting "
         "(the session's objects form cycles): its connection stays checked out and open "
         "on the server, with no warning yet.",
-        expected="1 checked out, 1 server connection, 0 warnings",
-        observed=f"{held_before} checked out, {server_before} server connection, "
-        f"{len(ours_before)} warnings",
-        passed=held_before == 1 and server_before == 1 and not ours_before,
+        expected={"checked out": 1, "server connections": 1, "warnings": []},
+        observed={
+            "checked out": held_before,
+            "server connections": server_before,
+            "warnings": lines(ours_before),
+        },
     )
-    shown = [f"{w.category.__name__}: {masked(str(w.message))}" for w in ours]
     logged = [
         f"{r.levelname} on {r.name}"
         for r in got.records
@@ -366,102 +376,131 @@ async def never_closed(lab: Lab, *, pool_timeout: float) -> None:
         "The garbage collector's cleanup of that session emits one SAWarning naming the "
         "asyncpg connection, which is terminated (not returned to the pool: no IO is "
         "possible in a finalizer), and logs the same text at ERROR on the pool's logger.",
-        expected=f"1 SAWarning starting {GC_WARNING!r} with 'which will be terminated'; "
-        "logged at ERROR",
-        observed=f"{shown or 'no warning'}; logged: {logged or 'no'}",
-        passed=len(ours) == 1
-        and ours[0].category is exc.SAWarning
-        and str(ours[0].message).startswith(GC_WARNING)
-        and "which will be terminated" in str(ours[0].message)
-        and any(item.startswith("ERROR") for item in logged),
+        expected={
+            "warnings": [
+                matches(f"^SAWarning: {re.escape(GC_WARNING)} .*which will be terminated")
+            ],
+            "logged": [matches(r"^ERROR on sqlalchemy\.pool")],
+        },
+        observed={"warnings": lines(ours), "logged": logged},
     )
     lab.check(
         "the GC cleanup frees the pool slot and ends the server connection",
         "After the GC cleanup the pool counts 0 checked out, the server connection is "
         "gone, and the next session (on a pool of 1) gets a new server connection "
         "instead of a TimeoutError.",
-        expected=f"0 checked out, 0 server connections, next session on a pid other than {pid}",
-        observed=f"{held_after} checked out, {server_after} server connections, next session "
-        f"on pid {new_pid}",
-        passed=held_after == 0 and server_after == 0 and new_pid not in (0, pid),
+        expected={
+            "checked out": 0,
+            "server connections": 0,
+            "next session's backend pid": not_(one_of(0, pid)),
+        },
+        observed={
+            "checked out": held_after,
+            "server connections": server_after,
+            "next session's backend pid": new_pid,
+        },
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# an engine never disposed (a child process that exits)
+
+CHILD_ENV: dict[str, str | None] = {
+    key: None  # Python's and the embedded server's knobs: the child runs on plain defaults
+    for key in ("PYTHONWARNINGS", "PYTHONDEVMODE", "PYTHONASYNCIODEBUG", "EMBEDDED_PGDATA")
+}
+
+
+async def leave_the_engine(app: str, leak_session: bool) -> int:
+    """In a child process: build an engine the project's way (DATABASE_URL / DB_SCHEMA from
+    the environment), run one query (on a connection that goes back to the pool, or on a
+    session never closed), return the backend pid, and let asyncio.run() end without
+    ``await engine.dispose()``."""
+    settings = Settings.from_env()
+    engine = create_engine(settings, resolve_target(settings), application_name=app)
+    if leak_session:
+        session = create_session_factory(engine)()  # never closed either
+        pid = await session.scalar(text("SELECT pg_backend_pid()"))
+    else:
+        async with engine.connect() as conn:  # the connection goes back to the pool
+            pid = await conn.scalar(text("SELECT pg_backend_pid()"))
+    return int(pid or 0)  # and no `await engine.dispose()`: that is the point
+
+
+def complaints(stderr: str) -> list[str]:
+    """The distinct warnings/errors on stderr, object addresses and fds masked."""
+    found: list[str] = []
+    for category, message in re.findall(r"(\w+(?:Warning|Error)): ([^\n]*)", stderr):
+        if message.startswith("Enable tracemalloc"):
+            continue
+        message = re.sub(r"<([\w.]+)[^<>]*(?:<[^<>]*>)?[^<>]*>", r"<\1>", message)
+        item = f"{category}: {message.split(';')[0].strip()}"
+        if item not in found:
+            found.append(item)
+    return found
+
+
+def trouble(stderr: str) -> list[str]:
+    """What on stderr is not a ResourceWarning (which Python's default filters hide)."""
+    found = [c for c in complaints(stderr) if not c.startswith("ResourceWarning: ")]
+    for marker in ("Traceback", "Event loop is closed"):
+        if marker in stderr and not any(marker in item for item in found):
+            found.append(marker)
+    return found
 
 
 @dataclass
-class Child:
-    variant: str
-    returncode: int | None
+class Ended:
+    """What one never-disposing child did, and the server after it exited."""
+
+    run: child.ChildRun
     pid: int | None
-    stderr: str
-    seconds: float
-    server_after: int = -1
-
-    def complaints(self) -> list[str]:
-        """The distinct warnings/errors on stderr, object addresses and fds masked."""
-        found: list[str] = []
-        for category, message in re.findall(r"(\w+(?:Warning|Error)): ([^\n]*)", self.stderr):
-            if message.startswith("Enable tracemalloc"):
-                continue
-            message = re.sub(r"<([\w.]+)[^<>]*(?:<[^<>]*>)?[^<>]*>", r"<\1>", message)
-            item = f"{category}: {message.split(';')[0].strip()}"
-            if item not in found:
-                found.append(item)
-        return found
-
-    def quiet(self) -> bool:
-        """Exit 0; nothing on stderr but ResourceWarnings (which Python hides by default)."""
-        items = self.complaints()
-        return (
-            self.returncode == 0
-            and "Traceback" not in self.stderr
-            and "Event loop is closed" not in self.stderr
-            and all(item.startswith("ResourceWarning: ") for item in items)
-        )
-
-    def shown(self) -> str:
-        items = self.complaints()
-        return (
-            f"{self.variant}: exit {self.returncode}, "
-            f"stderr: {'; '.join(items) if items else 'empty'}"
-        )
+    """The backend pid the child returned."""
+    server_after: int
+    """The server's connections of the child's application_name after it exited."""
+    alive_after: list[int]
+    """Which of the child's backends still exist after it exited."""
 
 
-async def run_child(lab: Lab, variant: str, app: str, *, leak_session: bool) -> Child:
-    env: dict[str, str | None] = {
-        key: None  # Python's and the embedded server's knobs: the child runs on plain defaults
-        for key in ("PYTHONWARNINGS", "PYTHONDEVMODE", "PYTHONASYNCIODEBUG", "EMBEDDED_PGDATA")
-    }
-    env["OAT_CHILD_APP"] = app
-    if leak_session:
-        env["OAT_CHILD_LEAK_SESSION"] = "1"
-    started = time.perf_counter()
+async def never_dispose(lab: Lab[Sizes], app: str, *, leak_session: bool) -> Ended:
     # -W default::ResourceWarning shows what Python's default filters would hide
-    done = await run_python(
-        lab, CHILD, within=60, options=("-W", "default::ResourceWarning"), extra_env=env
+    done = await child.call(
+        lab,
+        leave_the_engine,
+        app,
+        leak_session,
+        within=60,
+        options=("-W", "default::ResourceWarning"),
+        env=CHILD_ENV,
     )
-    printed = done.stdout.split()
-    child = Child(
-        variant,
-        done.returncode,
-        int(printed[0]) if printed and printed[0].isdigit() else None,
-        done.stderr,
-        time.perf_counter() - started,
-    )
-    child.server_after = await settle(lab, app, 0)
-    return child
+    server_after = await settle(lab, app, 0)
+    pid = int(done.items[0]) if done.finished and done.items else None
+    alive = await probes.live_pids(lab.engine, [pid]) if pid else []
+    return Ended(done, pid, server_after, alive)
 
 
-async def never_disposed(lab: Lab) -> None:
-    pooled, leaked = await asyncio.gather(
-        run_child(lab, "engine not disposed", f"{lab.tag}child-pool", leak_session=False),
-        run_child(
-            lab,
-            "engine not disposed, session not closed",
-            f"{lab.tag}child-session",
-            leak_session=True,
-        ),
+@run.scenario
+async def an_engine_never_disposed(lab: Lab[Sizes]) -> None:
+    """Two child processes (started together) each build an engine, run one query and end
+    asyncio.run() without dispose(): one with its connection back in the pool, one with it
+    still held by a session never closed; their exit, their stderr (ResourceWarnings
+    shown) and the server after they exit."""
+    variants = {
+        "engine not disposed": ("child-pool", False),
+        "engine not disposed, session not closed": ("child-session", True),
+    }
+    ended = dict(
+        zip(
+            variants,
+            await asyncio.gather(
+                *(
+                    never_dispose(lab, lab.name(suffix), leak_session=leak)
+                    for suffix, leak in variants.values()
+                )
+            ),
+            strict=True,
+        )
     )
-    both = (pooled, leaked)
     lab.check(
         "an engine never disposed: the process exits quietly",
         "Observed, not what the asyncio docs' dispose() tip and issues #5990/#9234 describe "
@@ -470,19 +509,49 @@ async def never_disposed(lab: Lab) -> None:
         "or still held by an unclosed session) exits 0 with no error or SAWarning; the "
         "only complaints are ResourceWarnings for the unclosed asyncpg connection, "
         "transport and socket, which Python's default warning filters hide.",
-        expected="exit 0; only ResourceWarning lines (at least one 'unclosed'), for both",
-        observed=" | ".join(c.shown() for c in both),
-        passed=all(c.quiet() and any("unclosed" in item for item in c.complaints()) for c in both),
+        expected={
+            variant: {
+                "ended": "exit 0",
+                "raised": None,
+                "stderr besides ResourceWarnings": [],
+                "'unclosed' ResourceWarnings": at_least(1),
+            }
+            for variant in variants
+        },
+        observed={
+            variant: {
+                "ended": e.run.ended(),
+                "raised": e.run.error,
+                "stderr besides ResourceWarnings": trouble(e.run.stderr),
+                "'unclosed' ResourceWarnings": sum(
+                    c.startswith("ResourceWarning: unclosed") for c in complaints(e.run.stderr)
+                ),
+            }
+            for variant, e in ended.items()
+        },
     )
+    for variant, e in ended.items():
+        lab.note(f"{variant}, stderr: {'; '.join(complaints(e.run.stderr)) or 'empty'}")
     lab.check(
         "the server connection ends with the child process",
         "The server-side connection of a never-disposed engine does not outlive the "
         "process: when it exits the OS closes the socket and the backend goes away.",
-        expected="backend pid printed by each child; 0 connections after exit",
-        observed="; ".join(
-            f"{c.variant}: pid {c.pid}, {c.server_after} connections after exit" for c in both
-        ),
-        passed=all(c.pid is not None and c.server_after == 0 for c in both),
+        expected={
+            variant: {
+                "backend pid returned": at_least(1),
+                "connections after exit": 0,
+                "that backend after exit": [],
+            }
+            for variant in variants
+        },
+        observed={
+            variant: {
+                "backend pid returned": e.pid,
+                "connections after exit": e.server_after,
+                "that backend after exit": e.alive_after,
+            }
+            for variant, e in ended.items()
+        },
     )
-    for c in both:
-        lab.figure(f"child process ({c.variant})", c.seconds, "s")
+    for variant, e in ended.items():
+        lab.figure(f"child process ({variant})", e.run.seconds, "s")

@@ -1,4 +1,7 @@
-"""Experiment 6: transactions, savepoints and isolation levels.
+"""What do sessions.begin() and begin_nested() commit or roll back, which anomalies does
+each PostgreSQL isolation level allow or stop (and with which error), how does a retry
+loop recover from a serialization failure, and how do you run a statement that cannot
+run inside a transaction?
 
 ``async with sessions.begin()`` commits or rolls back the whole block;
 ``session.begin_nested()`` is a SAVEPOINT, so one failing statement can be
@@ -47,7 +50,8 @@ autocommit).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -55,17 +59,51 @@ from sqlalchemy import func, inspect, select, text, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from .capture import captured
-from .db import create_session_factory
-from .harness import Lab, describe, experiment, first_line, outcome, sqlstate
+from .lab import (
+    BadSizes,
+    Lab,
+    at_least,
+    capture,
+    contains,
+    describe,
+    experiment,
+    first_line,
+    matches,
+    outcome,
+    prefix,
+    sqlstate,
+)
 from .models import User, UserStatus
 
 SERIALIZATION_FAILURE = "40001"
 READ_COMMITTED, REPEATABLE_READ, SERIALIZABLE = "READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE"
 LEVELS = (READ_COMMITTED, REPEATABLE_READ, SERIALIZABLE)
-BOUND = 30.0  # seconds: the outer guard around every scenario; lock_timeout trips first
+BOUND = 30.0  # seconds: the outer guard around every interleaving; lock_timeout trips first
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    lock_timeout_ms: int = 2000
+    """lock_timeout of every interleaved transaction (SET LOCAL), in ms."""
+    statement_timeout_ms: int = 15000
+    """statement_timeout (and lock_timeout) of the CREATE INDEX CONCURRENTLY steps, in ms."""
+    max_attempts: int = 5
+    """Attempts the serialization-failure retry loop makes at most."""
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 2:
+            raise BadSizes(
+                f"max_attempts ({self.max_attempts}) must be at least 2: the first attempt "
+                "fails on purpose"
+            )
+        for name in ("lock_timeout_ms", "statement_timeout_ms"):
+            if getattr(self, name) < 1:
+                raise BadSizes(f"{name} must be at least 1 (0 turns the bound off)")
+
+
+run = experiment(6, "Transactions, savepoints and isolation levels", Sizes)
 
 
 class Abort(Exception):
@@ -88,6 +126,15 @@ def server_error(exc: BaseException | None) -> str:
 
 def is_serialization_failure(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and sqlstate(exc) == SERIALIZATION_FAILURE
+
+
+def state(obj: object) -> str:
+    """The ORM state of an object: transient, pending, persistent, deleted or detached."""
+    found = inspect(obj)
+    for name in ("transient", "pending", "persistent", "deleted", "detached"):
+        if getattr(found, name):
+            return name
+    return "unknown"
 
 
 async def begin_at(session: AsyncSession, level: str, lock_timeout_ms: int) -> str:
@@ -128,48 +175,71 @@ async def make_active(sessions: async_sessionmaker[AsyncSession], names: tuple[s
         )
 
 
+async def committed_users(lab: Lab[Sizes], *names: str) -> None:
+    async with lab.sessions.begin() as session:
+        session.add_all(User(username=name) for name in names)
+
+
+@asynccontextmanager
+async def on_call(lab: Lab[Sizes]) -> AsyncIterator[tuple[str, str]]:
+    """Two on-call users (of whom at least one must stay active), committed once."""
+    pair = (lab.name("oncall-a"), lab.name("oncall-b"))
+    await committed_users(lab, *pair)
+    yield pair
+
+
 # ---------------------------------------------------------------------------------------------
-# 1. sessions.begin() and begin_nested()
+# sessions.begin() and begin_nested()
 
 
-async def begin_blocks(lab: Lab) -> None:
-    committed, rolled_back = f"{lab.tag}begin-ok", f"{lab.tag}begin-aborted"
+@run.scenario
+async def begin_commits_or_rolls_back(lab: Lab[Sizes]) -> None:
+    """One ``async with sessions.begin()`` block that ends normally, one that flushes an
+    INSERT and then raises."""
+    committed, rolled_back = lab.name("begin-ok"), lab.name("begin-aborted")
     async with lab.sessions.begin() as session:
         session.add(User(username=committed))  # no commit() call: the block commits
     raised = "nothing raised"
-    flushed = False
+    flushed = -1
     try:
         async with lab.sessions.begin() as session:
             session.add(User(username=rolled_back))
             await session.flush()  # the INSERT reached the server...
-            flushed = (
+            flushed = int(
                 await session.scalar(
                     select(func.count()).select_from(User).where(User.username == rolled_back)
                 )
-                == 1
+                or 0
             )
             raise Abort("give up")  # ...and the block's exit rolls it back
     except Abort as exc:
         raised = describe(exc)
-    found_ok = await count_users(lab.sessions, committed)
-    found_aborted = await count_users(lab.sessions, rolled_back)
     lab.check(
         "sessions.begin(): commit on success, rollback on exception",
         "`async with sessions.begin()` commits when the block ends normally (no commit() "
         "call needed) and rolls back when it raises, even after a flush sent the INSERT; "
         "the exception still propagates.",
-        expected="ok block: 1 row; raising block: flushed, Abort re-raised, 0 rows",
-        observed=f"ok block: {found_ok} row; raising block: "
-        f"{'flushed' if flushed else 'not flushed'}, {raised}, {found_aborted} rows",
-        passed=found_ok == 1 and flushed and raised.startswith("Abort") and found_aborted == 0,
+        expected={
+            "ok block: rows": 1,
+            "raising block: rows it sees after its flush": 1,
+            "raising block: raised": prefix("Abort"),
+            "raising block: rows": 0,
+        },
+        observed={
+            "ok block: rows": await count_users(lab.sessions, committed),
+            "raising block: rows it sees after its flush": flushed,
+            "raising block: raised": raised,
+            "raising block: rows": await count_users(lab.sessions, rolled_back),
+        },
     )
 
 
-async def savepoints(lab: Lab) -> None:
-    taken = f"{lab.tag}taken"
-    first, second = f"{lab.tag}nested-a", f"{lab.tag}nested-b"
-    async with lab.sessions.begin() as session:
-        session.add(User(username=taken))
+@run.scenario
+async def a_savepoint_undoes_one_failure(lab: Lab[Sizes]) -> None:
+    """In one transaction: flush user A, try a duplicate username inside begin_nested(),
+    then add user B and commit; the statements sent and the objects' states recorded."""
+    taken, first, second = lab.name("taken"), lab.name("nested-a"), lab.name("nested-b")
+    await committed_users(lab, taken)
 
     error: IntegrityError | None = None
     with lab.statements() as sent:
@@ -184,46 +254,58 @@ async def savepoints(lab: Lab) -> None:
                     await session.flush()  # unique violation
             except IntegrityError as exc:
                 error = exc  # the savepoint is rolled back, the outer transaction lives on
-            duplicate_state = "transient" if inspect(duplicate).transient else "still attached"
-            a_state = "persistent" if inspect(user_a).persistent else "not persistent"
+            states = {"duplicate": state(duplicate), "A": state(user_a)}
             session.add(User(username=second))
     savepoint_sql = [s for s in sent if "SAVEPOINT" in s.upper()]
-    found = {name: await count_users(lab.sessions, name) for name in (first, second, taken)}
     lab.check(
         "begin_nested(): an inner failure is undone, the outer work commits",
         "Inside begin_nested() (a SAVEPOINT) a duplicate username raises IntegrityError; "
         "leaving the block rolls back to the savepoint only, so user A (flushed before) and "
         "user B (added after) commit, and the duplicate is not there.",
-        expected=f"IntegrityError (sqlstate 23505); A: 1, B: 1, '{taken}': 1",
-        observed=f"{describe(error) if error else 'no error'} (sqlstate "
-        f"{sqlstate(error) if error else None}); A: {found[first]}, B: {found[second]}, "
-        f"'{taken}': {found[taken]}",
-        passed=error is not None
-        and sqlstate(error) == "23505"
-        and found == {first: 1, second: 1, taken: 1},
+        expected={
+            "error": prefix("IntegrityError"),
+            "sqlstate": "23505",
+            "user A": 1,
+            "user B": 1,
+            "the taken name": 1,
+        },
+        observed={
+            "error": describe(error) if error else "no error",
+            "sqlstate": sqlstate(error) if error else None,
+            "user A": await count_users(lab.sessions, first),
+            "user B": await count_users(lab.sessions, second),
+            "the taken name": await count_users(lab.sessions, taken),
+        },
     )
     lab.check(
         "begin_nested() sends SAVEPOINT and ROLLBACK TO SAVEPOINT",
         "The nested transaction is plain SQL on the same connection: SAVEPOINT when it "
         "begins, ROLLBACK TO SAVEPOINT when the block raises (no RELEASE).",
-        expected="SAVEPOINT x, ROLLBACK TO SAVEPOINT x",
-        observed=", ".join(savepoint_sql) or "no savepoint statement",
-        passed=len(savepoint_sql) == 2
-        and savepoint_sql[0].upper().startswith("SAVEPOINT ")
-        and savepoint_sql[1].upper().startswith("ROLLBACK TO SAVEPOINT ")
-        and savepoint_sql[0].split()[-1] == savepoint_sql[1].split()[-1],
+        expected={
+            "statements": [matches(r"^SAVEPOINT \w+$"), matches(r"^ROLLBACK TO SAVEPOINT \w+$")],
+            "savepoint names": 1,
+        },
+        observed={
+            "statements": savepoint_sql,
+            "savepoint names": len({s.split()[-1] for s in savepoint_sql}),
+        },
     )
     lab.check(
         "objects added inside the rolled-back savepoint are expunged",
         "After ROLLBACK TO SAVEPOINT the session forgets the objects added inside it (the "
         "duplicate is transient again), while objects flushed before the savepoint stay "
         "persistent.",
-        expected="duplicate: transient; A: persistent",
-        observed=f"duplicate: {duplicate_state}; A: {a_state}",
+        expected={"duplicate": "transient", "A": "persistent"},
+        observed=states,
     )
 
-    # the same failure without a savepoint takes the whole transaction with it
-    plain = f"{lab.tag}plain-a"
+
+@run.scenario
+async def without_a_savepoint(lab: Lab[Sizes]) -> None:
+    """The same duplicate username without begin_nested(): flush user A, flush the
+    duplicate, run one more statement, roll back."""
+    taken, plain = lab.name("taken-plain"), lab.name("plain-a")
+    await committed_users(lab, taken)
     async with lab.sessions() as session:
         session.add(User(username=plain))
         await session.flush()
@@ -231,30 +313,36 @@ async def savepoints(lab: Lab) -> None:
         flush_error = await outcome(session.flush())
         next_statement = await outcome(session.execute(select(1)))
         await session.rollback()
-    lost = await count_users(lab.sessions, plain)
     lab.check(
         "without a savepoint the failure loses the earlier work",
         "The same duplicate without begin_nested(): the session refuses every further "
         "statement (PendingRollbackError) until rollback(), and user A, flushed before the "
         "failure, is gone.",
-        expected="IntegrityError, then PendingRollbackError; A: 0 rows",
-        observed=f"{flush_error.split(':')[0]}, then {next_statement.split(':')[0]}; "
-        f"A: {lost} rows",
-        passed=flush_error.startswith("IntegrityError")
-        and next_statement.startswith("PendingRollbackError")
-        and lost == 0,
+        expected={
+            "the flush": prefix("IntegrityError"),
+            "the next statement": prefix("PendingRollbackError"),
+            "user A": 0,
+        },
+        observed={
+            "the flush": flush_error,
+            "the next statement": next_statement,
+            "user A": await count_users(lab.sessions, plain),
+        },
     )
-    lab.note(f"PendingRollbackError says: {next_statement}")
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. choosing and verifying the level
+# choosing and verifying the level
 
 
-async def levels(lab: Lab) -> None:
-    # a one-connection engine: every session below gets the same server connection
-    engine = lab.engine_with(pool_size=1, max_overflow=0)
-    sessions = create_session_factory(engine)
+@run.scenario
+async def choosing_the_level(lab: Lab[Sizes]) -> None:
+    """On a one-connection engine: a session per level asks for it with
+    session.connection(execution_options=...), one session is bound to
+    engine.execution_options(isolation_level=SERIALIZABLE), the next session reads the
+    level it gets; then one asks after its first statement."""
+    engine = lab.one_connection()  # every session below gets the same server connection
+    sessions = lab.sessions_on(engine)
     pid = "SELECT pg_backend_pid()"
     shown: dict[str, str] = {}
     pids: set[int] = set()
@@ -266,7 +354,7 @@ async def levels(lab: Lab) -> None:
                 shown[level] = str(await session.scalar(text("SHOW transaction_isolation")))
             statements_sent += sent
             pids.add(int(await session.scalar(text(pid)) or 0))
-    engine_wide = create_session_factory(engine.execution_options(isolation_level=SERIALIZABLE))
+    engine_wide = lab.sessions_on(engine.execution_options(isolation_level=SERIALIZABLE))
     async with engine_wide() as session:
         shown["engine.execution_options(SERIALIZABLE)"] = str(
             await session.scalar(text("SHOW transaction_isolation"))
@@ -276,27 +364,24 @@ async def levels(lab: Lab) -> None:
         after = str(await session.scalar(text("SHOW transaction_isolation")))
         default = str(await session.scalar(text("SHOW default_transaction_isolation")))
         pids.add(int(await session.scalar(text(pid)) or 0))
-    wanted = {
-        **{level: level.lower() for level in LEVELS},
-        "engine.execution_options(SERIALIZABLE)": "serializable",
-    }
     lab.check(
         "the server runs each transaction at the level asked for",
         "session.connection(execution_options={'isolation_level': L}) before the first "
         "statement, or a session bound to engine.execution_options(isolation_level=L), "
         "makes the server report L in SHOW transaction_isolation.",
-        expected="; ".join(f"{k}: {v}" for k, v in wanted.items()),
-        observed="; ".join(f"{k}: {v}" for k, v in shown.items()),
-        passed=shown == wanted,
+        expected={
+            **{level: level.lower() for level in LEVELS},
+            "engine.execution_options(SERIALIZABLE)": "serializable",
+        },
+        observed=shown,
     )
     lab.check(
         "the level does not leak through the pool",
         "When the session closes, SQLAlchemy restores the connection's default level: the "
         "next session on the same pooled connection (same backend pid) is back to the "
         "server default.",
-        expected=f"1 backend; next session: {default}",
-        observed=f"{len(pids)} backend(s); next session: {after}",
-        passed=len(pids) == 1 and after == default,
+        expected={"backends": 1, "next session": default},
+        observed={"backends": len(pids), "next session": after},
     )
     lab.check(
         "no SET TRANSACTION is sent: asyncpg begins with the level itself",
@@ -304,31 +389,28 @@ async def levels(lab: Lab) -> None:
         "events (and so echo) show no SET TRANSACTION ISOLATION LEVEL, only the SHOW, yet "
         "the server reports the level. Per the dialect source, asyncpg's transaction() sends "
         "BEGIN ISOLATION LEVEL ... itself.",
-        expected="SHOW transaction_isolation x3",
-        observed=", ".join(statements_sent) or "nothing",
-        passed=statements_sent == ["SHOW transaction_isolation"] * len(LEVELS),
+        expected=["SHOW transaction_isolation"] * len(LEVELS),
+        observed=statements_sent,
     )
 
     # too late: the transaction has already begun
     async with sessions() as session:
         await session.execute(select(1))
-        with captured(collect=False) as got:
+        with capture.captured(collect=False) as got:
             await session.connection(execution_options={"isolation_level": SERIALIZABLE})
         late = str(await session.scalar(text("SHOW transaction_isolation")))
-    messages = [str(w.message) for w in got.caught]
     lab.check(
         "asking for a level after the first statement is ignored (a warning)",
         "Once the session's transaction has used the connection, "
         "session.connection(execution_options=...) cannot change the level: SQLAlchemy "
         "only warns and the transaction stays at the default level.",
-        expected=f"a warning 'execution_options ignored'; level: {default}",
-        observed=f"{'; '.join(messages) or 'no warning'}; level: {late}",
-        passed=any("execution_options ignored" in m for m in messages) and late == default,
+        expected={"warnings": [contains("execution_options ignored")], "level": default},
+        observed={"warnings": [str(w.message) for w in got.caught], "level": late},
     )
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. anomalies, interleaved step by step
+# anomalies, interleaved step by step
 
 
 @dataclass
@@ -337,15 +419,17 @@ class Reread:
     first: int
     second: int
     write: str
+    write_sqlstate: str | None
     final: int
 
 
-async def non_repeatable_read(lab: Lab, level: str, name: str, lock_timeout_ms: int) -> Reread:
+async def non_repeatable_read(lab: Lab[Sizes], level: str, name: str) -> Reread:
     """T1 reads login_count; T2 increments it and commits; T1 reads again, then writes
     ``first + 1`` (an increment computed from its first read)."""
+    read = select(User.login_count).where(User.username == name)
+    failed: str | None = None
     async with asyncio.timeout(BOUND), lab.sessions() as t1:
-        shown = await begin_at(t1, level, lock_timeout_ms)
-        read = select(User.login_count).where(User.username == name)
+        shown = await begin_at(t1, level, lab.sizes.lock_timeout_ms)
         first = int(await t1.scalar(read) or 0)  # T1: first read (snapshot for RR)
         async with lab.sessions.begin() as t2:  # T2: increment and commit
             await t2.execute(
@@ -359,12 +443,64 @@ async def non_repeatable_read(lab: Lab, level: str, name: str, lock_timeout_ms: 
             await t1.commit()
             write = "committed"
         except DBAPIError as exc:
-            write = f"{describe(exc)} (sqlstate {sqlstate(exc)})"
+            write, failed = describe(exc), sqlstate(exc)
             lab.note(f"{level}, the write after a concurrent update: {server_error(exc)}")
             await t1.rollback()
     async with lab.sessions() as session:
         final = int(await session.scalar(read) or 0)
-    return Reread(shown, first, second, write, final)
+    return Reread(shown, first, second, write, failed, final)
+
+
+@run.scenario
+async def non_repeatable_read_and_lost_update(lab: Lab[Sizes]) -> None:
+    """Per level (READ COMMITTED, REPEATABLE READ), on a counter of its own starting at 0:
+    T1 reads login_count, T2 increments it and commits, T1 reads again and writes its
+    first read + 1."""
+    counters = {level: lab.name(f"counter-{i}") for i, level in enumerate(LEVELS[:2])}
+    await committed_users(lab, *counters.values())
+    rc = await non_repeatable_read(lab, READ_COMMITTED, counters[READ_COMMITTED])
+    rr = await non_repeatable_read(lab, REPEATABLE_READ, counters[REPEATABLE_READ])
+    lab.check(
+        "non-repeatable read: READ COMMITTED vs REPEATABLE READ",
+        "T1 reads login_count, T2 increments it and commits, T1 reads again: under READ "
+        "COMMITTED each statement takes a new snapshot, so the second read sees T2's "
+        "commit; under REPEATABLE READ both reads use the transaction's first snapshot.",
+        expected={
+            "read committed: level": "read committed",
+            "read committed: T1's two reads": [0, 1],
+            "repeatable read: level": "repeatable read",
+            "repeatable read: T1's two reads": [0, 0],
+        },
+        observed={
+            "read committed: level": rc.level,
+            "read committed: T1's two reads": [rc.first, rc.second],
+            "repeatable read: level": rr.level,
+            "repeatable read: T1's two reads": [rr.first, rr.second],
+        },
+    )
+    lab.check(
+        "lost update: allowed by READ COMMITTED, refused by REPEATABLE READ",
+        "T1 then writes login_count = (its first read) + 1. READ COMMITTED lets the write "
+        "overwrite T2's increment (two increments, the counter moved by one); REPEATABLE "
+        "READ refuses to update a row changed since its snapshot: SQLSTATE 40001 'could "
+        "not serialize access due to concurrent update', and only T2's increment stays.",
+        expected={
+            "read committed: T1's write": "committed",
+            "read committed: counter after 2 increments": 1,
+            "repeatable read: T1's write": contains(
+                "could not serialize access due to concurrent update"
+            ),
+            "repeatable read: sqlstate": SERIALIZATION_FAILURE,
+            "repeatable read: counter after": 1,
+        },
+        observed={
+            "read committed: T1's write": rc.write,
+            "read committed: counter after 2 increments": rc.final,
+            "repeatable read: T1's write": rr.write,
+            "repeatable read: sqlstate": rr.write_sqlstate,
+            "repeatable read: counter after": rr.final,
+        },
+    )
 
 
 @dataclass
@@ -373,11 +509,12 @@ class Skew:
     seen: list[int] = field(default_factory=list)
     steps: list[str] = field(default_factory=list)
     failure: DBAPIError | None = None
+    failed_at: str = "nowhere"
     committed: int = 0
     active_after: int = -1
 
 
-async def write_skew(lab: Lab, level: str, pair: tuple[str, str], lock_timeout_ms: int) -> Skew:
+async def write_skew(lab: Lab[Sizes], level: str, pair: tuple[str, str]) -> Skew:
     """Two on-call users must keep at least one active. T1 and T2 both check that both are
     active, then T1 suspends the first and T2 the second; then both commit."""
     await make_active(lab.sessions, pair)
@@ -385,7 +522,7 @@ async def write_skew(lab: Lab, level: str, pair: tuple[str, str], lock_timeout_m
     async with asyncio.timeout(BOUND), lab.sessions() as t1, lab.sessions() as t2:
         tx = {"T1": t1, "T2": t2}
         for session in tx.values():
-            skew.shown.append(await begin_at(session, level, lock_timeout_ms))
+            skew.shown.append(await begin_at(session, level, lab.sizes.lock_timeout_ms))
         for session in tx.values():  # both read before either writes
             skew.seen.append(await count_active(session, pair))
         plan: list[tuple[str, Callable[[], Awaitable[None]]]] = [
@@ -405,7 +542,8 @@ async def write_skew(lab: Lab, level: str, pair: tuple[str, str], lock_timeout_m
             try:
                 await step()
             except DBAPIError as exc:
-                skew.failure = skew.failure or exc
+                if skew.failure is None:
+                    skew.failure, skew.failed_at = exc, label
                 skew.steps.append(f"{label}: {type(exc).__name__} sqlstate {sqlstate(exc)}")
                 failed.add(who)
                 await tx[who].rollback()
@@ -417,44 +555,12 @@ async def write_skew(lab: Lab, level: str, pair: tuple[str, str], lock_timeout_m
     return skew
 
 
-async def anomalies(lab: Lab, lock_timeout_ms: int, max_attempts: int) -> None:
-    reader = f"{lab.tag}counter"
-    pair = (f"{lab.tag}oncall-a", f"{lab.tag}oncall-b")
-    async with lab.sessions.begin() as session:
-        session.add_all(User(username=name) for name in (reader, *pair))
-
-    rc = await non_repeatable_read(lab, READ_COMMITTED, reader, lock_timeout_ms)
-    rr = await non_repeatable_read(lab, REPEATABLE_READ, reader, lock_timeout_ms)
-    lab.check(
-        "non-repeatable read: READ COMMITTED vs REPEATABLE READ",
-        "T1 reads login_count, T2 increments it and commits, T1 reads again: under READ "
-        "COMMITTED each statement takes a new snapshot, so the second read sees T2's "
-        "commit; under REPEATABLE READ both reads use the transaction's first snapshot.",
-        expected="read committed: 0 then 1; repeatable read: same value twice",
-        observed=f"{rc.level}: {rc.first} then {rc.second}; "
-        f"{rr.level}: {rr.first} then {rr.second}",
-        passed=rc.level == "read committed"
-        and rr.level == "repeatable read"
-        and rc.second == rc.first + 1
-        and rr.second == rr.first,
-    )
-    lab.check(
-        "lost update: allowed by READ COMMITTED, refused by REPEATABLE READ",
-        "T1 then writes login_count = (its first read) + 1. READ COMMITTED lets the write "
-        "overwrite T2's increment (two increments, the counter moved by one); REPEATABLE "
-        "READ refuses to update a row changed since its snapshot: SQLSTATE 40001 'could "
-        "not serialize access due to concurrent update'.",
-        expected="read committed: committed, counter 1 after 2 increments; repeatable read: "
-        "DBAPIError ... could not serialize access due to concurrent update (sqlstate 40001)",
-        observed=f"read committed: {rc.write}, counter {rc.final} after 2 increments; "
-        f"repeatable read: {rr.write}",
-        passed=rc.write == "committed"
-        and rc.final == rc.first + 1
-        and "could not serialize access due to concurrent update" in rr.write
-        and rr.write.endswith(f"(sqlstate {SERIALIZATION_FAILURE})"),
-    )
-
-    skews = {level: await write_skew(lab, level, pair, lock_timeout_ms) for level in LEVELS}
+@run.scenario
+async def write_skew_per_level(lab: Lab[Sizes]) -> None:
+    """At each level: make both on-call users active; T1 and T2 each count the active
+    ones, then T1 suspends A, T2 suspends B, T1 commits, T2 commits."""
+    pair = await lab.use(on_call)
+    skews = {level: await write_skew(lab, level, pair) for level in LEVELS}
     for level in (READ_COMMITTED, REPEATABLE_READ):
         skew = skews[level]
         lab.check(
@@ -462,18 +568,22 @@ async def anomalies(lab: Lab, lock_timeout_ms: int, max_attempts: int) -> None:
             f"Under {level} both transactions see 2 active users, each suspends a different "
             "one, both commit without any error: 0 active remain, an outcome no serial order "
             "of the two could produce.",
-            expected="both saw 2; 2 commits; 0 active",
-            observed=f"level {'/'.join(sorted(set(skew.shown)))}; both saw "
-            f"{'/'.join(map(str, skew.seen))}; {skew.committed} commits; "
-            f"{skew.active_after} active",
-            passed=set(skew.shown) == {level.lower()}
-            and skew.seen == [2, 2]
-            and skew.committed == 2
-            and skew.failure is None
-            and skew.active_after == 0,
+            expected={
+                "levels": [level.lower()] * 2,
+                "active seen by T1, T2": [2, 2],
+                "commits": 2,
+                "errors": [],
+                "active after": 0,
+            },
+            observed={
+                "levels": skew.shown,
+                "active seen by T1, T2": skew.seen,
+                "commits": skew.committed,
+                "errors": [describe(skew.failure)] if skew.failure else [],
+                "active after": skew.active_after,
+            },
         )
     ser = skews[SERIALIZABLE]
-    message = first_line(ser.failure.orig or ser.failure) if ser.failure else "no error"
     lab.check(
         "SERIALIZABLE stops write skew with a serialization failure",
         "Under SERIALIZABLE the same interleaving ends with one transaction failing with "
@@ -481,27 +591,31 @@ async def anomalies(lab: Lab, lock_timeout_ms: int, max_attempts: int) -> None:
         "committing: 1 active user remains. Both UPDATEs succeed; the failure surfaces at "
         "the second COMMIT, so a retry must wrap the commit too. SQLAlchemy raises a plain "
         "DBAPIError (no subclass), the SQLSTATE is in .orig.sqlstate.",
-        expected="DBAPIError, sqlstate 40001, 'could not serialize access due to read/write "
-        "dependencies among transactions'; 1 commit; 1 active; fails at: T2 commits",
-        observed=f"{type(ser.failure).__name__}, sqlstate "
-        f"{sqlstate(ser.failure) if ser.failure else None}, '{message}'; "
-        f"{ser.committed} commit(s); {ser.active_after} active "
-        f"[{'; '.join(ser.steps)}]",
-        passed=ser.failure is not None
-        and type(ser.failure) is DBAPIError
-        and is_serialization_failure(ser.failure)
-        and "read/write dependencies among transactions" in message
-        and ser.committed == 1
-        and ser.active_after == 1
-        and any(step.startswith("T2 commits: DBAPIError") for step in ser.steps),
+        expected={
+            "levels": ["serializable"] * 2,
+            "error type": "DBAPIError",
+            "sqlstate": SERIALIZATION_FAILURE,
+            "message": contains("could not serialize access due to read/write dependencies"),
+            "fails at": "T2 commits",
+            "commits": 1,
+            "active after": 1,
+        },
+        observed={
+            "levels": ser.shown,
+            "error type": type(ser.failure).__name__ if ser.failure else "no error",
+            "sqlstate": sqlstate(ser.failure) if ser.failure else None,
+            "message": first_line(ser.failure.orig or ser.failure) if ser.failure else "",
+            "fails at": ser.failed_at,
+            "commits": ser.committed,
+            "active after": ser.active_after,
+        },
     )
+    lab.note(f"SERIALIZABLE write skew, the steps: {'; '.join(ser.steps)}")
     lab.note(f"SERIALIZABLE write skew, the server's error: {server_error(ser.failure)}")
-
-    await retry_loop(lab, pair, lock_timeout_ms, max_attempts)
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. retrying serialization failures
+# retrying serialization failures
 
 
 @dataclass
@@ -542,12 +656,16 @@ async def run_serializable(
     raise AssertionError("max_attempts must be at least 1")
 
 
-async def retry_loop(
-    lab: Lab, pair: tuple[str, str], lock_timeout_ms: int, max_attempts: int
-) -> None:
+@run.scenario
+async def retrying_serialization_failures(lab: Lab[Sizes]) -> None:
+    """T1, in a retry loop (SERIALIZABLE), suspends itself if both on-call users are
+    active; in its first attempt only, a competitor T2 suspends the other one and commits
+    between T1's read and T1's write."""
+    pair = await lab.use(on_call)
     await make_active(lab.sessions, pair)
     me, other = pair
     seen: list[int] = []
+    lock_timeout_ms = lab.sizes.lock_timeout_ms
 
     async def competitor() -> None:
         """T2, a whole SERIALIZABLE transaction that runs between T1's read and T1's write."""
@@ -572,7 +690,7 @@ async def retry_loop(
             result = await run_serializable(
                 lab.sessions,
                 suspend_me_unless_last,
-                max_attempts=max_attempts,
+                max_attempts=lab.sizes.max_attempts,
                 lock_timeout_ms=lock_timeout_ms,
             )
     async with lab.sessions() as session:
@@ -583,23 +701,33 @@ async def retry_loop(
         "Catching DBAPIError with .orig.sqlstate == '40001' and re-running the whole "
         "transaction: the first attempt loses to the competitor that committed in between, "
         "a later attempt sees only 1 active user, does not suspend, commits; 1 stays active.",
-        expected="attempts > 1, the first failure 40001; last attempt saw 1 and refrained; "
-        "1 active",
-        observed=f"{result.attempts} attempts ({'; '.join(result.failures)}); saw "
-        f"{'/'.join(map(str, seen))}; suspended: {result.value}; {active_after} active",
-        passed=result.attempts > 1
-        and SERIALIZATION_FAILURE in result.failures[0]
-        and seen[-1] == 1
-        and result.value is False
-        and active_after == 1,
+        expected={
+            "attempts": at_least(2),
+            "the first failure": contains(f"sqlstate {SERIALIZATION_FAILURE}"),
+            "active seen by the last attempt": 1,
+            "the last attempt suspended T1": False,
+            "active after": 1,
+        },
+        observed={
+            "attempts": result.attempts,
+            "the first failure": result.failures[0] if result.failures else "none",
+            "active seen by the last attempt": seen[-1] if seen else -1,
+            "the last attempt suspended T1": result.value,
+            "active after": active_after,
+        },
     )
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. AUTOCOMMIT
+# AUTOCOMMIT
 
 
-async def autocommit(lab: Lab, statement_timeout_ms: int) -> None:
+@run.scenario
+async def autocommit_for_create_index_concurrently(lab: Lab[Sizes]) -> None:
+    """On a one-connection engine: CREATE INDEX CONCURRENTLY inside engine.begin(), then on
+    an AUTOCOMMIT connection (two transaction ids read there, and two inside a
+    transaction), then DROP INDEX CONCURRENTLY."""
+    timeout_ms = int(lab.sizes.statement_timeout_ms)
     index = f"ix_{lab.tag.replace('-', '_')}users_login_count"
     create = text(f"CREATE INDEX CONCURRENTLY {index} ON users (login_count)")
     drop = text(f"DROP INDEX CONCURRENTLY IF EXISTS {index}")
@@ -609,26 +737,24 @@ async def autocommit(lab: Lab, statement_timeout_ms: int) -> None:
     )
     listed = text("SELECT count(*) FROM pg_indexes WHERE indexname = :name")
     timeouts = [
-        text(f"SET {name} = {int(statement_timeout_ms)}")
-        for name in ("statement_timeout", "lock_timeout")
+        text(f"SET {name} = {timeout_ms}") for name in ("statement_timeout", "lock_timeout")
     ]
     # its own engine: the session-level SETs below stay on its connection, disposed after the run
-    engine = lab.engine_with(pool_size=1, max_overflow=0)
+    engine = lab.one_connection()
 
     in_transaction = created = "not run"
+    refused_sqlstate: str | None = None
     xids: list[str] = []
     level = "?"
     found = left = -1
     try:
         try:
             async with engine.begin() as conn:
-                await conn.execute(
-                    text(f"SET LOCAL statement_timeout = {int(statement_timeout_ms)}")
-                )
+                await conn.execute(text(f"SET LOCAL statement_timeout = {timeout_ms}"))
                 await conn.execute(create)
             in_transaction = "ok"
         except DBAPIError as exc:
-            in_transaction = f"{describe(exc)} (sqlstate {sqlstate(exc)})"
+            in_transaction, refused_sqlstate = describe(exc), sqlstate(exc)
         async with engine.connect() as conn:
             conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
             for statement in timeouts:
@@ -652,47 +778,35 @@ async def autocommit(lab: Lab, statement_timeout_ms: int) -> None:
         "CREATE INDEX CONCURRENTLY is refused inside a transaction",
         "In a transaction (engine.begin(), as every Session is) PostgreSQL refuses the "
         "statement before doing any work: SQLSTATE 25001.",
-        expected="DBAPIError ... CREATE INDEX CONCURRENTLY cannot run inside a transaction "
-        "block (sqlstate 25001)",
-        observed=in_transaction,
-        passed="CREATE INDEX CONCURRENTLY cannot run inside a transaction block" in in_transaction
-        and in_transaction.endswith("(sqlstate 25001)"),
+        expected={
+            "error": contains("CREATE INDEX CONCURRENTLY cannot run inside a transaction block"),
+            "sqlstate": "25001",
+        },
+        observed={"error": in_transaction, "sqlstate": refused_sqlstate},
     )
     lab.check(
         "AUTOCOMMIT: each statement is its own transaction",
         "isolation_level='AUTOCOMMIT' puts the driver connection in autocommit: no BEGIN, so "
         "two statements run in two transactions (two transaction ids), where inside "
         "engine.begin() they share one.",
-        expected="AUTOCOMMIT: 2 different xids; in a transaction: 1 xid",
-        observed=f"AUTOCOMMIT: {len(set(xids))} different xids ({', '.join(xids)}), "
-        f"transaction_isolation shows {level}; in a transaction: {len(set(same_xid))} xid",
-        passed=len(set(xids)) == 2 and len(set(same_xid)) == 1,
+        expected={"AUTOCOMMIT: distinct xids": 2, "engine.begin(): distinct xids": 1},
+        observed={
+            "AUTOCOMMIT: distinct xids": len(set(xids)),
+            "engine.begin(): distinct xids": len(set(same_xid)),
+        },
+    )
+    lab.note(
+        f"AUTOCOMMIT: the xids {', '.join(xids)}; SHOW transaction_isolation there says {level}"
     )
     lab.check(
         "CREATE INDEX CONCURRENTLY works on an AUTOCOMMIT connection",
         "On a connection with execution_options(isolation_level='AUTOCOMMIT') the same "
         "statement succeeds and the index is valid in pg_indexes; the finally's DROP INDEX "
         "CONCURRENTLY (also AUTOCOMMIT) removes it.",
-        expected="ok; 1 valid index; 0 after the drop",
-        observed=f"{created}; {found} valid index; {left} after the drop",
-        passed=created == "ok" and found == 1 and left == 0,
+        expected={"CREATE INDEX CONCURRENTLY": "ok", "valid indexes": 1, "after the drop": 0},
+        observed={
+            "CREATE INDEX CONCURRENTLY": created,
+            "valid indexes": found,
+            "after the drop": left,
+        },
     )
-
-
-@experiment(6, "Transactions, savepoints and isolation levels")
-async def run(
-    lab: Lab,
-    *,
-    lock_timeout_ms: int = 2000,
-    statement_timeout_ms: int = 15000,
-    max_attempts: int = 5,
-) -> None:
-    """What do sessions.begin() and begin_nested() commit or roll back, which anomalies does
-    each PostgreSQL isolation level allow or stop (and with which error), how does a retry
-    loop recover from a serialization failure, and how do you run a statement that cannot
-    run inside a transaction?"""
-    await begin_blocks(lab)
-    await savepoints(lab)
-    await levels(lab)
-    await anomalies(lab, lock_timeout_ms, max_attempts)
-    await autocommit(lab, statement_timeout_ms)

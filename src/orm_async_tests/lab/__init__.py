@@ -89,6 +89,8 @@ if TYPE_CHECKING:  # the names below, for type checkers (imported lazily at run 
     )
     from .registry import (
         BadSizes as BadSizes,
+    )
+    from .registry import (
         Experiment as Experiment,
     )
     from .registry import (

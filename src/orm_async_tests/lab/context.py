@@ -13,6 +13,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, contextmanager
+from dataclasses import dataclass
 from typing import Any, Generic, NoReturn, TypeVar, cast
 
 from sqlalchemy import delete, event, text
@@ -28,6 +29,19 @@ from .results import Figure, ScenarioResult
 S = TypeVar("S")
 T = TypeVar("T")
 Fixture = Callable[["Lab[Any]"], AbstractAsyncContextManager[Any]]
+
+
+@dataclass(frozen=True)
+class Execution:
+    """One ``before_cursor_execute`` event: what SQLAlchemy handed to the driver."""
+
+    verb: str
+    """``INSERT``, ``SELECT``, ..."""
+    style: str
+    """``EXECUTE``, ``EXECUTEMANY`` or ``INSERTMANYVALUES`` (the context's execute_style)."""
+    parameter_sets: int
+    """For an executemany, how many parameter sets; 1 otherwise."""
+    statement: str
 
 
 class Skip(Exception):
@@ -97,6 +111,28 @@ class Lab(Generic[S]):
         event.listen(sync_engine, "before_cursor_execute", record)
         try:
             yield sent
+        finally:
+            event.remove(sync_engine, "before_cursor_execute", record)
+
+    @contextmanager
+    def executions(self, engine: AsyncEngine | None = None) -> Iterator[list[Execution]]:
+        """Like :meth:`statements`, with each execution's style and parameter-set count:
+        ``INSERTMANYVALUES`` (one statement, many rows) vs ``EXECUTEMANY`` (the driver's
+        executemany, one parameter set per row) vs ``EXECUTE``."""
+        sync_engine = (engine or self.engine).sync_engine
+        seen: list[Execution] = []
+
+        def record(
+            conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool
+        ) -> None:
+            style = getattr(getattr(context, "execute_style", None), "name", "EXECUTE")
+            sets = len(params) if style == "EXECUTEMANY" else 1
+            verb = statement.lstrip().split(None, 1)[0].upper() if statement.strip() else ""
+            seen.append(Execution(verb, style, sets, " ".join(statement.split())))
+
+        event.listen(sync_engine, "before_cursor_execute", record)
+        try:
+            yield seen
         finally:
             event.remove(sync_engine, "before_cursor_execute", record)
 

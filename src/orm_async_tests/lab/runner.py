@@ -69,7 +69,14 @@ def guarded(main: Callable[[list[Target]], Coroutine[Any, Any, int]]) -> int:
 
 
 async def run_plan(plan: Sequence[Planned], target_out: list[Target] | None = None) -> int:
-    """Open the database once, make it ready, run each experiment and print its report."""
+    """Open the database once, make it ready, run each experiment and print its report.
+
+    The experiments are imported and their sizes checked first: sizes that do not fit
+    (:class:`BadSizes`) are refused before any connection is made.
+    """
+    experiments = [load(planned.module) for planned in plan]
+    for experiment, planned in zip(experiments, plan, strict=True):
+        experiment.make_sizes(planned.sizes)
     settings = Settings.from_env()
     target = resolve_target(settings)
     if target_out is not None:
@@ -81,8 +88,7 @@ async def run_plan(plan: Sequence[Planned], target_out: list[Target] | None = No
             print(message)
         where = database_line(db, server)
         failures = 0
-        for planned in plan:
-            experiment = load(planned.module)
+        for experiment, planned in zip(experiments, plan, strict=True):
             result = await experiment.run(db, planned.sizes, only=planned.only)
             show = bool(os.environ.get(TRACEBACK_VARIABLE))
             print(format_report(result, where, with_traceback=show), flush=True)

@@ -23,20 +23,24 @@ from collections.abc import Callable, Sequence
 from functools import wraps
 from typing import ParamSpec
 
-from .catalogue import SIZE_TYPES, Entry, entry
+from .catalogue import SIZE_TYPES, Entry, ExperimentError, entry
 
 EXIT_OK, EXIT_FAILED, EXIT_SETUP, EXIT_INTERRUPTED, EXIT_PIPE_CLOSED = 0, 1, 2, 130, 141
 P = ParamSpec("P")
 
 
 def reader_may_leave(command: Callable[P, int]) -> Callable[P, int]:
-    """Let ``orm-async-tests list | head`` end quietly instead of with a BrokenPipeError."""
+    """Let ``orm-async-tests list | head`` end quietly instead of with a BrokenPipeError;
+    an experiment module out of shape is one line (exit status 2), not a traceback."""
 
     @wraps(command)
     def guarded(*args: P.args, **kwargs: P.kwargs) -> int:
         try:
             status = command(*args, **kwargs)
             sys.stdout.flush()
+        except ExperimentError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_SETUP
         except BrokenPipeError:
             # Python flushes stdout again at exit: point it at /dev/null first.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

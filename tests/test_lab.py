@@ -1,0 +1,369 @@
+"""The lab itself: every comparator can fail, verdicts are honest, and the catalogue,
+the console scripts and the imported experiments agree.
+
+A harness whose checks cannot fail would leave every experiment green whatever the
+library does; these tests are what turns red then.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orm_async_tests.db import Database
+from orm_async_tests.lab import (
+    BadSizes,
+    Lab,
+    at_least,
+    at_most,
+    between,
+    contains,
+    each,
+    less_than,
+    matches,
+    more_than,
+    not_,
+    one_of,
+    prefix,
+    where,
+)
+from orm_async_tests.lab.catalogue import catalogue
+from orm_async_tests.lab.checks import agrees, make_check, mismatches, shown
+from orm_async_tests.lab.registry import Experiment, NoSizes, discover
+from orm_async_tests.lab.report import format_report
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# ------------------------------------------------------------------ comparators
+
+AGREE: list[tuple[Any, Any]] = [
+    (3, 3),
+    ("ok", "ok"),
+    (2.0, 2),
+    (0.1 + 0.2, 0.3),
+    (at_least(2), 2),
+    (at_least(2), 2.5),
+    (at_most(2), 2),
+    (more_than(0), 1),
+    (less_than(1), 0.5),
+    (between(1, 3), 1),
+    (between(1, 3), 3),
+    (prefix("InterfaceError"), "InterfaceError: boom"),
+    (prefix("ValueError"), ValueError("boom")),
+    (contains("prepared statement"), "asyncpg: prepared statement x does not exist"),
+    (matches(r"^\d+ rows$"), "12 rows"),
+    (one_of("a", prefix("b")), "bx"),
+    (each(at_most(500)), [500, 500, 3]),
+    (not_(0), 1),
+    (where("an even number", lambda n: n % 2 == 0), 4),
+    ({"users": 3, "points": at_least(1)}, {"users": 3, "points": 7}),
+    ([prefix("ok"), 2], ["ok!", 2]),
+    ([1, 0, 0, 1], [1, 0, 0, 1]),
+    ({"nested": {"a": [1, at_least(2)]}}, {"nested": {"a": [1, 5]}}),
+    (set(), set()),
+    (None, None),
+]
+
+DISAGREE: list[tuple[Any, Any]] = [
+    (3, 4),
+    (1, True),  # a bool is not a number
+    (True, 1),
+    ("ok", "OK"),
+    (0.3, 0.31),
+    (at_least(2), 1),
+    (at_least(1), True),
+    (at_least(1), "5"),
+    (at_most(2), 3),
+    (more_than(0), 0),
+    (less_than(1), 1),
+    (between(1, 3), 0.99),
+    (between(1, 3), 3.01),
+    (prefix("InterfaceError"), "InvalidRequestError: boom"),
+    (prefix("x"), 5),
+    (contains("prepared statement"), "timeout"),
+    (matches(r"^\d+ rows$"), "12 rows left"),
+    (one_of("a", prefix("b")), "c"),
+    (each(at_most(500)), [500, 501]),
+    (each(at_most(500)), []),  # "all of nothing" would hold vacuously
+    (each(1), "111"),
+    (not_(0), 0),
+    (where("an even number", lambda n: n % 2 == 0), 3),
+    ({"users": 3}, {"users": 2}),
+    ({"users": 3}, {"users": 3, "points": 1}),  # an unexpected key
+    ({"users": 3, "points": 1}, {"users": 3}),  # a missing key
+    ({"users": 3}, 3),
+    ([prefix("ok"), 2], ["ok!"]),
+    ([prefix("ok"), 2], ["no", 2]),
+    ([1, 0, 0, 1], [1, 0, 1, 1]),
+    ([1, 2], (1, 2)),
+    ({"nested": {"a": [1, at_least(2)]}}, {"nested": {"a": [1, 1]}}),
+    (float("nan"), float("nan")),
+]
+
+
+@pytest.mark.parametrize(("expected", "observed"), AGREE)
+def test_comparators_accept(expected: Any, observed: Any) -> None:
+    assert agrees(expected, observed), mismatches(expected, observed)
+
+
+@pytest.mark.parametrize(("expected", "observed"), DISAGREE)
+def test_comparators_refuse(expected: Any, observed: Any) -> None:
+    """Each comparator (and the plain, per-key and per-item comparisons) can fail."""
+    assert not agrees(expected, observed)
+    assert mismatches(expected, observed)
+
+
+def test_every_comparator_is_exercised_both_ways() -> None:
+    """A comparator added to the toolbox without a failing case here fails this test."""
+    from orm_async_tests.lab import checks
+
+    made = {type(e).__name__ for e, _ in AGREE + DISAGREE if isinstance(e, checks.Expect)}
+    refused = {type(e).__name__ for e, _ in DISAGREE if isinstance(e, checks.Expect)}
+    kinds = {
+        name
+        for name, value in vars(checks).items()
+        if isinstance(value, type)
+        and issubclass(value, checks.Expect)
+        and value is not checks.Expect
+    }
+    assert made == refused == kinds
+
+
+def test_the_text_of_a_comparator_is_what_it_tests() -> None:
+    assert shown(at_least(1)) == "≥ 1"
+    assert shown(between(0.5, 2)) == "0.500 to 2"
+    assert shown(prefix("InterfaceError")) == "InterfaceError…"
+    assert shown(one_of("ok", prefix("x"))) == "one of: ok | x…"
+    assert shown({"users": 3, "points": at_least(1)}) == "users: 3; points: ≥ 1"
+    assert shown(where("no row left", lambda x: not x)) == "rule: no row left"
+    assert shown(ValueError("two\nlines")) == "ValueError: two"
+    with pytest.raises(ValueError, match="rule in words"):
+        where("  ", bool)
+    with pytest.raises(ValueError, match="low bound"):
+        between(2, 1)
+
+
+def test_a_check_shows_where_it_fails() -> None:
+    check = make_check(
+        "s",
+        "n",
+        "the claim",
+        {"users": 3, "errors": []},
+        {"users": 2, "errors": ["boom"]},
+    )
+    assert not check.passed
+    assert check.differences == [
+        "errors: expected [], observed [boom]",
+        "users: expected 3, observed 2",
+    ]
+    assert [(k, ok) for k, _, _, ok in check.parts] == [("users", False), ("errors", False)]
+    ruled = make_check("s", "n", "c", {"a": where("odd", lambda n: n % 2 == 1)}, {"a": 3})
+    assert ruled.passed
+    assert ruled.rule
+    assert not make_check("s", "n", "c", at_least(1), 1).rule
+
+
+# ----------------------------------------------------------- experiments and verdicts
+
+
+def stand_in(*scenarios: Any, sizes: type[Any] = NoSizes) -> Experiment[Any]:
+    """An experiment that is not registered: its scenarios are the functions given."""
+    found: Experiment[Any] = Experiment(900, "stand-in", sizes, __name__, "Does it?", "")
+    for body in scenarios:
+        found.scenario(body)
+    return found
+
+
+async def holds(lab: Lab[Any]) -> None:
+    """One check that holds."""
+    lab.check("holds", "1 is 1", expected=1, observed=1)
+
+
+async def fails(lab: Lab[Any]) -> None:
+    """One check that does not hold."""
+    lab.check("may fail", "observed matches", expected="a", observed="b")
+
+
+async def checks_nothing(lab: Lab[Any]) -> None:
+    """Observes nothing."""
+    lab.figure("a figure is not a check", 1.0, "s")
+
+
+async def raises(lab: Lab[Any]) -> None:
+    """Checks one thing, then breaks."""
+    lab.check("holds", "1 is 1", expected=1, observed=1)
+    raise ValueError("boom")
+
+
+async def skips(lab: Lab[Any]) -> None:
+    """Cannot run here."""
+    lab.skip("no such server here")
+
+
+async def ruled_out(lab: Lab[Any]) -> None:
+    """A hand-written rule that does not hold."""
+    lab.check("rule", "odd", expected=where("an odd number", lambda n: n % 2 == 1), observed=2)
+
+
+async def test_verdicts(database: Database) -> None:
+    ok = await stand_in(holds).run(database)
+    assert ok.passed
+    assert ok.verdict().startswith("PASSED: 1/1")
+    bad = await stand_in(holds, fails).run(database)
+    assert not bad.passed
+    assert [c.name for c in bad.failed] == ["may fail"]
+    assert bad.verdict().startswith("FAILED: 1/2")
+    rule = await stand_in(holds, ruled_out).run(database)
+    assert not rule.passed
+    assert "verdict by the rule" in format_report(rule, "db")
+    empty = await stand_in(holds, checks_nothing).run(database)
+    assert not empty.passed
+    assert empty.verdict().startswith("FAILED: scenario 'checks nothing' made no check")
+    nothing = await stand_in().run(database)
+    assert not nothing.passed
+
+
+async def test_errors_and_skips(database: Database) -> None:
+    broken = await stand_in(raises, holds).run(database)
+    assert not broken.passed
+    assert broken.verdict() == "ERROR: raises: ValueError: boom (after 2/2 checks hold)"
+    assert [s.status for s in broken.scenarios] == ["ERROR", "PASSED"]  # the next one ran
+    assert "boom" in format_report(broken, "db", with_traceback=True)
+    skipped = await stand_in(skips).run(database)
+    assert not skipped.passed
+    assert skipped.skipped == "no such server here"
+    assert skipped.verdict() == "SKIPPED: no such server here"
+    partly = await stand_in(holds, skips).run(database)
+    assert partly.passed
+    assert partly.skipped is None
+    assert partly.verdict() == "PASSED: 1/1 checks hold; skipped 'skips': no such server here"
+
+
+async def test_only_and_the_report_groups_checks_by_scenario(database: Database) -> None:
+    both = stand_in(holds, fails)
+    only = await both.run(database, only=["holds"])
+    assert only.passed
+    assert [s.name for s in only.scenarios] == ["holds"]
+    with pytest.raises(TypeError, match="no scenario"):
+        await both.run(database, only=["nope"])
+    report = format_report(await both.run(database), "the database line")
+    assert report.index("── 1. holds") < report.index("1 is 1") < report.index("── 2. fails")
+    assert report.index("── 2. fails") < report.index("observed matches")
+    assert "FAIL" in report
+    assert "the database line" in report
+
+
+@dataclass(frozen=True)
+class Pair:
+    low: int = 1
+    """The low one."""
+    high: int = 2
+    """The high one."""
+
+    def __post_init__(self) -> None:
+        if self.low > self.high:
+            raise BadSizes("low must not exceed high")
+
+
+async def sees_sizes(lab: Lab[Pair]) -> None:
+    """Checks what it was given."""
+    lab.check("sizes", "given", expected={"low": 1, "high": 5}, observed=vars(lab.sizes))
+
+
+async def test_sizes(database: Database) -> None:
+    pair = stand_in(sees_sizes, sizes=Pair)
+    assert [(f.name, f.default, f.doc) for f in pair.sizes] == [
+        ("low", 1, "The low one."),
+        ("high", 2, "The high one."),
+    ]
+    result = await pair.run(database, {"high": 5})
+    assert result.passed
+    assert result.sizes == {"low": 1, "high": 5}
+    with pytest.raises(BadSizes, match="no size"):
+        await pair.run(database, {"wide": 3})
+    with pytest.raises(BadSizes, match="low must not exceed high"):
+        await pair.run(database, {"low": 3})
+
+
+OPENED: list[str] = []
+
+
+@asynccontextmanager
+async def shared(lab: Lab[Any]) -> AsyncIterator[str]:
+    OPENED.append("open")
+    yield lab.name("shared")
+    OPENED.append("closed")
+
+
+async def uses_fixture(lab: Lab[Any]) -> None:
+    """Uses the shared fixture."""
+    lab.check("fixture", "same value", expected=lab.name("shared"), observed=await lab.use(shared))
+
+
+async def uses_it_again(lab: Lab[Any]) -> None:
+    """Uses it once more: not entered twice."""
+    lab.check("again", "entered once", expected=["open"], observed=list(OPENED))
+
+
+async def test_fixtures_are_entered_once_and_exited_after_the_last_scenario(
+    database: Database,
+) -> None:
+    OPENED.clear()
+    result = await stand_in(uses_fixture, uses_it_again).run(database)
+    assert result.passed, format_report(result, "db")
+    assert OPENED == ["open", "closed"]
+
+
+# ------------------------------------------------------ catalogue, registry, scripts
+
+
+def test_the_catalogue_reads_what_the_modules_register() -> None:
+    """`list` and `testN --help` read the source; the run imports it: the two agree."""
+    registered = discover()
+    read = catalogue()
+    assert sorted(read) == sorted(registered)
+    for number, entry in read.items():
+        experiment = registered[number]
+        assert entry.title == experiment.title
+        assert entry.module == experiment.module
+        assert entry.question == experiment.question
+        assert entry.question.endswith("?")
+        assert list(entry.sizes) == experiment.sizes
+        assert [name for name, _ in entry.scenarios] == [s.name for s in experiment.scenarios]
+        assert [doc for _, doc in entry.scenarios] == [s.doc for s in experiment.scenarios]
+        assert all(size.doc for size in entry.sizes), f"{entry.name}: a size without a docstring"
+        assert experiment.scenarios, f"{entry.name} has no scenario"
+
+
+def test_project_scripts_list_exactly_the_experiments() -> None:
+    """Adding experiment N needs its `testN` line in pyproject.toml, and nothing else."""
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    numbered = {name: target for name, target in scripts.items() if name.startswith("test")}
+    assert numbered == {e.name: f"orm_async_tests.cli:{e.name}" for e in catalogue().values()}
+
+
+def test_readme_and_developing_name_no_count_by_hand() -> None:
+    """The README says what each experiment found; how many there are is the catalogue's."""
+    readme = (ROOT / "README.md").read_text()
+    for entry in catalogue().values():
+        assert f"### {entry.name} " in readme, f"README has no section for {entry.name}"
+    import re
+
+    typed = re.findall(r"\b\d+ (?:experiments|checks)\b", readme)
+    assert typed == [], f"hand-typed counts in README.md: {typed}"
+
+
+def test_figures_show_as_numbers() -> None:
+    from orm_async_tests.lab.results import Figure
+
+    assert Figure("t", 1.23456, "s").shown() == "1.235 s"
+    assert Figure("r", 2.5, "x").shown() == "2.50x"
+    assert Figure("n", 1200, "rows").shown() == "1,200 rows"
+    assert math.isclose(Figure("f", 0.5, "").value, 0.5)
