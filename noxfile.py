@@ -1,4 +1,5 @@
-"""nox sessions: `nox -s tests` (the default), `lint`, `typecheck`, `migrations`, `bench`.
+"""nox sessions: `nox -s tests` (the default), `lint`, `typecheck`, `migrations`, `report`,
+`bench`.
 
 Each session installs the project into its own virtualenv with Poetry, from
 poetry.lock (`poetry sync`), so nox tests exactly what the lock file pins.
@@ -51,9 +52,11 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    """mypy --strict on the package (settings in pyproject.toml), bench included."""
+    """mypy --strict on the package (settings in pyproject.toml), bench included, and on
+    the tests."""
     install(session, "dev,bench")
     session.run("mypy", "--strict")
+    session.run("mypy", "--strict", "tests")
 
 
 @nox.session
@@ -77,6 +80,18 @@ def migrations(session: nox.Session) -> None:
     ):
         session.run("alembic", *args, env=env)
     session.run("alembic", "upgrade", "head", "--sql", env=env, silent=True)
+
+
+@nox.session
+def report(session: nox.Session) -> None:
+    """Every experiment twice (`orm-async-tests report`): findings/ and the README's block.
+
+    On the embedded PostgreSQL, or DATABASE_URL (migrated); `-- --runs 3` for more runs.
+    """
+    install(session)
+    session.run(
+        "orm-async-tests", "report", *session.posargs, env={"PYTHONDONTWRITEBYTECODE": None}
+    )
 
 
 @nox.session

@@ -349,17 +349,6 @@ def test_project_scripts_list_exactly_the_experiments() -> None:
     assert numbered == {e.name: f"orm_async_tests.cli:{e.name}" for e in catalogue().values()}
 
 
-def test_readme_and_developing_name_no_count_by_hand() -> None:
-    """The README says what each experiment found; how many there are is the catalogue's."""
-    readme = (ROOT / "README.md").read_text()
-    for entry in catalogue().values():
-        assert f"### {entry.name} " in readme, f"README has no section for {entry.name}"
-    import re
-
-    typed = re.findall(r"\b\d+ (?:experiments|checks)\b", readme)
-    assert typed == [], f"hand-typed counts in README.md: {typed}"
-
-
 def test_figures_show_as_numbers() -> None:
     from orm_async_tests.lab.results import Figure
 

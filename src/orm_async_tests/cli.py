@@ -37,6 +37,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = commands.add_parser("run", help="run experiments by number, or all of them")
     run.add_argument("numbers", nargs="*", type=int, metavar="N")
     run.add_argument("--all", action="store_true", help="run every experiment")
+    report = commands.add_parser(
+        "report",
+        help="run every experiment (twice) and write findings/ and the README's summary",
+        description="Run every experiment --runs times on one database; write "
+        "findings.json and findings.md into --out and the experiments block of --readme. "
+        "Figures are published as the interval over the runs.",
+    )
+    report.add_argument("--runs", type=int, default=2, metavar="N", help="(default: 2)")
+    report.add_argument("--out", default="findings", metavar="DIR", help="(default: findings)")
+    report.add_argument(
+        "--readme", default="README.md", metavar="FILE", help="(default: README.md; '' for none)"
+    )
     bench = commands.add_parser(
         "bench",
         help="benchmark async SQLAlchemy patterns beside raw asyncpg and Tortoise ORM",
@@ -61,6 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if any(not 1 <= n <= MAX_CONCURRENCY for n in args.concurrency):
             parser.error(f"--concurrency levels must be between 1 and {MAX_CONCURRENCY}")
         return _bench(args)
+    if args.command == "report":
+        if args.runs < 1:
+            parser.error("--runs must be at least 1")
+        return _report(args)
     found = catalogue()
     if args.command == "list":
         for entry in found.values():
@@ -78,6 +94,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     chosen = list(found.values()) if args.all else [found[n] for n in args.numbers]
     return run_guarded([Planned(entry.module) for entry in chosen])
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .lab.runner import guarded, run_report
+
+    readme = Path(args.readme) if args.readme else None
+    command = f"orm-async-tests report --runs {args.runs}"
+    return guarded(lambda target: run_report(args.runs, Path(args.out), readme, command, target))
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -117,8 +117,8 @@ async def insert_returns_server_defaults(lab: Lab[Sizes]) -> None:
             "created_at is the transaction's now()",
             "server_default=now() is PostgreSQL's transaction start time, not the moment "
             "of the INSERT: with a pause between BEGIN and INSERT, created_at equals the "
-            "transaction's now() (expected) and lies before the INSERT's clock_timestamp() by about "
-            "the pause.",
+            "transaction's now() (the expected value) and lies before the INSERT's "
+            "clock_timestamp() by about the pause.",
             expected={
                 "created_at": transaction_now,
                 "seconds before the INSERT's clock": at_least(lab.sizes.pause),

@@ -11,19 +11,24 @@ from __future__ import annotations
 
 import asyncio
 import os
+import platform
 import sys
 import traceback
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from datetime import date
 from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 
 from .. import migrations
 from ..db import Database, Target, open_database, resolve_target
 from ..errors import explain, first_line
-from ..settings import Settings
+from ..settings import Settings, redacted
+from .catalogue import catalogue
 from .registry import BadSizes, load
 from .report import format_report
+from .results import Result
 from .scripts import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_SETUP
 
 TRACEBACK_VARIABLE = "ORM_ASYNC_TESTS_TRACEBACK"
@@ -94,6 +99,52 @@ async def run_plan(plan: Sequence[Planned], target_out: list[Target] | None = No
             print(format_report(result, where, with_traceback=show), flush=True)
             failures += not (result.passed or result.skipped)
     return EXIT_FAILED if failures else EXIT_OK
+
+
+async def run_report(
+    runs: int, out: Path, readme: Path | None, command: str, target_out: list[Target]
+) -> int:
+    """Every experiment ``runs`` times on one database; findings.json, findings.md and the
+    README's block (see :mod:`.findings`). Exit status 1 if any check failed in any run."""
+    from .findings import Versions, collect, write
+
+    plan = [Planned(entry.module) for entry in catalogue().values()]
+    experiments = [load(planned.module) for planned in plan]
+    settings = Settings.from_env()
+    target = resolve_target(settings)
+    target_out.append(target)
+    async with open_database(settings, target=target) as db:
+        server = await db.server_version()
+        message = await migrations.prepare(db)
+        if message:
+            print(message)
+        where = database_line(db, server)
+        done: list[list[tuple[int, Result]]] = []
+        for run in range(1, runs + 1):
+            results = []
+            for experiment in experiments:
+                result = await experiment.run(db)
+                results.append((experiment.number, result))
+                print(f"run {run}/{runs} {experiment.name}: {result.verdict()}", flush=True)
+                if not (result.passed or result.skipped):
+                    print(format_report(result, where, with_traceback=True), flush=True)
+            done.append(results)
+    driver = target.url.get_driver_name()
+    versions = Versions(
+        python=platform.python_version(),
+        sqlalchemy=version("sqlalchemy"),
+        driver=f"{driver} {version(driver)}",
+        postgresql=server,
+        server="embedded" if target.embedded is not None else "DATABASE_URL",
+        pgbouncer="not configured"
+        if settings.pgbouncer_url is None
+        else redacted(settings.pgbouncer_url),
+    )
+    data = collect(done, versions, command, date.today().isoformat())
+    for path in write(data, out, readme):
+        print(f"wrote {path}")
+    failed = any(not (r.passed or r.skipped) for results in done for _, r in results)
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def database_line(db: Database, server_version: str) -> str:
