@@ -8,6 +8,9 @@ here is reported as skipped, with its reason, never as passed.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 from sqlalchemy import func, select
 
@@ -15,10 +18,23 @@ from orm_async_tests.db import Database
 from orm_async_tests.lab.catalogue import catalogue
 from orm_async_tests.lab.registry import load
 from orm_async_tests.lab.report import format_report
+from orm_async_tests.lab.results import Result
 from orm_async_tests.lab.runner import database_line
 from orm_async_tests.models import Group, Job, User
 
 ENTRIES = catalogue()
+FINDINGS = Path(__file__).resolve().parent.parent / "findings" / "findings.json"
+
+
+def assert_findings_are_current(name: str, result: Result) -> None:
+    """The committed findings name the checks this run made, with the same claims: a check
+    added, renamed or reworded needs `nox -s report` again (the README publishes them)."""
+    published = {e["name"]: e for e in json.loads(FINDINGS.read_text())["experiments"]}[name]
+    by_scenario = {s["name"]: s for s in published["scenarios"]}
+    for part in result.ran:
+        made = [(c.name, c.claim) for c in part.checks]
+        found = [(c["name"], c["claim"]) for c in by_scenario[part.name]["checks"]]
+        assert made == found, f"{name} {part.name}: findings/ is out of date: run `nox -s report`"
 
 
 @pytest.mark.parametrize("number", sorted(ENTRIES), ids=[e.name for e in ENTRIES.values()])
@@ -38,6 +54,7 @@ async def test_experiment_checks_hold_and_it_cleans_up(database: Database, numbe
     if result.skipped is not None:
         pytest.skip(f"{experiment.name}: {result.skipped}")
     assert result.passed, report
+    assert_findings_are_current(experiment.name, result)
     if result.skipped_scenarios:
         reasons = "; ".join(f"{s.title}: {s.skipped}" for s in result.skipped_scenarios)
         pytest.skip(f"{experiment.name}: {result.verdict()} (skipped {reasons})")

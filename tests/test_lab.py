@@ -7,8 +7,10 @@ library does; these tests are what turns red then.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import tomllib
+import types
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -69,6 +71,10 @@ AGREE: list[tuple[Any, Any]] = [
     ({"nested": {"a": [1, at_least(2)]}}, {"nested": {"a": [1, 5]}}),
     (set(), set()),
     (None, None),
+    ([1, 2], (1, 2)),  # a list and a tuple of the same items
+    ([0.3], [0.1 + 0.2]),  # item by item: floats are close
+    (not_(5), 6),
+    (not_("ok"), "ko"),
 ]
 
 DISAGREE: list[tuple[Any, Any]] = [
@@ -102,8 +108,10 @@ DISAGREE: list[tuple[Any, Any]] = [
     ([prefix("ok"), 2], ["ok!"]),
     ([prefix("ok"), 2], ["no", 2]),
     ([1, 0, 0, 1], [1, 0, 1, 1]),
-    ([1, 2], (1, 2)),
+    ([0, 1], [False, True]),  # item by item: a bool is not a number
     ({"nested": {"a": [1, at_least(2)]}}, {"nested": {"a": [1, 1]}}),
+    (not_(5), None),  # a missing observation is not "another value"
+    (not_(5), "6"),
     (float("nan"), float("nan")),
 ]
 
@@ -146,8 +154,15 @@ def test_the_text_of_a_comparator_is_what_it_tests() -> None:
     assert shown(ValueError("two\nlines")) == "ValueError: two"
     with pytest.raises(ValueError, match="rule in words"):
         where("  ", bool)
+    for empty in (prefix, contains, matches):
+        with pytest.raises(ValueError, match="accepts every text"):
+            empty("")
     with pytest.raises(ValueError, match="low bound"):
         between(2, 1)
+
+
+def test_alike_texts_of_different_values_say_what_differs() -> None:
+    assert mismatches(1, "1") == ["expected 1 (int), observed '1' (str)"]
 
 
 def test_a_check_shows_where_it_fails() -> None:
@@ -319,6 +334,87 @@ async def test_fixtures_are_entered_once_and_exited_after_the_last_scenario(
     result = await stand_in(uses_fixture, uses_it_again).run(database)
     assert result.passed, format_report(result, "db")
     assert OPENED == ["open", "closed"]
+
+
+async def checks_then_skips(lab: Lab[Any]) -> None:
+    """Checks something that does not hold, then finds it cannot go on."""
+    lab.check("may fail", "observed matches", expected="a", observed="b")
+    lab.skip("no such server here")
+
+
+async def leaks_a_cancellation(lab: Lab[Any]) -> None:
+    """Raises the CancelledError of a task it cancelled itself."""
+    lab.check("holds", "1 is 1", expected=1, observed=1)
+    raise asyncio.CancelledError
+
+
+@asynccontextmanager
+async def checks_in_its_exit(lab: Lab[Any]) -> AsyncIterator[None]:
+    yield
+    lab.check("counted nowhere", "a fixture's exit is no scenario", expected=1, observed=2)
+
+
+async def uses_a_checking_fixture(lab: Lab[Any]) -> None:
+    """Uses a fixture that checks in its exit."""
+    await lab.use(checks_in_its_exit)
+    lab.check("holds", "1 is 1", expected=1, observed=1)
+
+
+async def test_a_skip_does_not_hide_what_went_wrong(database: Database) -> None:
+    skipped_late = await stand_in(checks_then_skips).run(database)
+    assert skipped_late.skipped is None
+    assert not skipped_late.ok
+    assert skipped_late.scenarios[0].status == "FAILED"
+    assert "observed matches" in format_report(skipped_late, "db")
+    leaked = await stand_in(leaks_a_cancellation, holds).run(database)
+    assert not leaked.ok
+    assert leaked.verdict().startswith("ERROR: leaks a cancellation: CancelledError")
+    assert leaked.scenarios[1].status == "PASSED"
+    teardown = await stand_in(uses_a_checking_fixture).run(database)
+    assert not teardown.ok
+    assert teardown.error is not None
+    assert "outside a scenario" in teardown.error
+    blank = await stand_in(blank_skip).run(database)
+    assert not blank.ok
+    assert "needs the reason" in blank.verdict()
+
+
+async def blank_skip(lab: Lab[Any]) -> None:
+    """Skips without a reason."""
+    lab.skip(" ")
+
+
+async def test_child_processes_report_what_happened(database: Database) -> None:
+    """The one child-process protocol: items as they come (noise on stdout and a crash
+    halfway included), a return value, what a child raised or exited with, a timeout."""
+    from orm_async_tests.lab import child
+    from orm_async_tests.lab.context import Lab as LabType
+
+    from . import child_functions as fn
+
+    lab: LabType[Any] = LabType(database, 900, NoSizes())
+    env = {"PYTHONPATH": str(ROOT)}
+    crashed = await child.call(lab, fn.noisy_items, 3, within=60, env=env)
+    assert (crashed.items, crashed.finished, crashed.ended()) == (
+        [0, 1, 2],
+        False,
+        "killed by SIGABRT",
+    )
+    assert "noise 0" in crashed.stdout
+    returned = await child.call(lab, fn.doubled, 21, within=60, env=env)
+    assert (returned.value, returned.ended()) == (42, "exit 0")
+    raised = await child.call(lab, fn.raises, within=60, env=env)
+    assert (raised.error, raised.ended()) == ("RuntimeError: no", "exit 1")
+    exited = await child.call(lab, fn.exits, within=60, env=env)
+    assert exited.error == "SystemExit: 3"
+    elsewhere = types.FunctionType(fn.doubled.__code__, {}, "doubled")
+    elsewhere.__module__ = "tests.no_such_module"
+    missing = await child.call(lab, elsewhere, 1, within=60, env=env)
+    assert missing.error is not None
+    assert missing.error.startswith("ModuleNotFoundError")
+    with pytest.raises(TimeoutError, match="did not end within"):
+        await child.call(lab, fn.sleeps, within=1, env=env)
+    await lab.close()
 
 
 # ------------------------------------------------------ catalogue, registry, scripts

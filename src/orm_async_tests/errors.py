@@ -12,8 +12,7 @@ import re
 import socket
 from collections.abc import Iterator
 
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.exc import DBAPIError, TimeoutError as PoolTimeoutError
 
 from .db import Target
 from .embedded import EmbeddedServerError

@@ -47,7 +47,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import event, exc, func, select, text
+from sqlalchemy import exc, func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from .lab import (
@@ -56,6 +56,7 @@ from .lab import (
     at_least,
     contains,
     describe,
+    driver_error,
     experiment,
     first_line,
     matches,
@@ -110,44 +111,10 @@ run = experiment(10, "Cancellation, timeouts and faults", Sizes)
 # ---------------------------------------------------------------- small helpers
 
 
-async def backend_pid(session: AsyncSession) -> int:
-    return int(await session.scalar(select(func.pg_backend_pid())) or 0)
-
-
-async def no_sleepers(lab: Lab[Sizes], app: str) -> tuple[int, float]:
-    """Poll (bounded) until no backend of ``app`` runs pg_sleep: (how many still do, seconds)."""
-    found = await probes.poll(
-        lambda: probes.sleepers(lab.engine, app), lambda n: n == 0, within=BOUND, every=0.02
-    )
-    return found.value, found.seconds
-
-
-def sleep_sampler(lab: Lab[Sizes], app: str) -> probes.Sampler[int]:
-    """Counts, in the background, how many backends of ``app`` run pg_sleep."""
-    return probes.Sampler(lambda: probes.sleepers(lab.engine, app), every=0.01, within=BOUND)
-
-
-@dataclass
-class Invalidations:
-    """Exceptions the pool's ``invalidate`` event reported (one per invalidated connection)."""
-
-    seen: list[str] = field(default_factory=list)
-
-    @classmethod
-    def on(cls, engine: AsyncEngine) -> Invalidations:
-        found = cls()
-
-        def record(dbapi_connection: Any, record: Any, exception: BaseException | None) -> None:
-            found.seen.append(type(exception).__name__ if exception is not None else "None")
-
-        event.listen(engine.sync_engine.pool, "invalidate", record)
-        return found
-
-
 def error_chain(err: BaseException) -> str:
     """``DBAPIError ← asyncpg QueryCanceledError [57014]: message`` (what wraps what)."""
-    orig = getattr(err, "orig", None)
-    driver = orig.__cause__ if orig is not None else None
+    driver: BaseException | None = driver_error(err)
+    driver = None if driver is err else driver
     state = sqlstate(err)
     names = [type(err).__name__]
     if driver is not None:
@@ -180,7 +147,7 @@ class Attempt:
 async def one_request(sessions: async_sessionmaker[AsyncSession]) -> Attempt:
     try:
         async with asyncio.timeout(BOUND), sessions.begin() as session:
-            pid = await backend_pid(session)
+            pid = await probes.backend_pid(session)
     except exc.DBAPIError as err:
         return Attempt(error_chain(err), None, err.connection_invalidated)
     except Exception as err:
@@ -248,13 +215,13 @@ async def asyncio_timeout_in_a_session(lab: Lab[Sizes]) -> None:
     book = await lab.use(ledger)
     app = lab.name("cancel")
     engine, sessions = one_connection(lab, app)
-    invalidations = Invalidations.on(engine)
+    invalidations = probes.Invalidations.on(engine)
     await book.commit(sessions, "before-cancel")
 
     async with sessions() as session:
-        pid = await backend_pid(session)
+        pid = await probes.backend_pid(session)
         await book.flush_doomed(session, "cancelled")
-        sampler = sleep_sampler(lab, app)
+        sampler = probes.sleepers_sampler(lab.engine, app, every=0.01, within=BOUND)
         started = time.perf_counter()
         try:
             async with asyncio.timeout(size.cancel_after):
@@ -269,9 +236,10 @@ async def asyncio_timeout_in_a_session(lab: Lab[Sizes]) -> None:
         still_in_transaction = session.in_transaction()
         reuse = await outcome(session.execute(select(1)))
         await session.rollback()
-        pid_after_rollback = await backend_pid(session)
+        pid_after_rollback = await probes.backend_pid(session)
 
-    remaining, seconds = await no_sleepers(lab, app)
+    gone = await probes.wait_sleepers(lab.engine, app, lambda n: n == 0, within=BOUND)
+    remaining, seconds = gone.value, gone.seconds
     lab.figure("asyncio.timeout: pg_sleep gone from pg_stat_activity after", seconds, "s")
     old_alive = await probes.live_pids(lab.engine, [pid])
     after = await one_request(sessions)
@@ -348,13 +316,17 @@ async def asyncio_timeout_in_asyncpg_alone(lab: Lab[Sizes]) -> None:
         raw = await conn.get_raw_connection()
         driver: Any = raw.driver_connection
         pid = int(driver.get_server_pid())
+        sampler = probes.sleepers_sampler(lab.engine, app, every=0.01, within=BOUND)
         try:
             async with asyncio.timeout(size.cancel_after):
                 await driver.fetchval("SELECT pg_sleep($1)", size.long_sleep)
             raised = "no error"
         except TimeoutError as err:
             raised = describe(err).rstrip(": ")
-        remaining, seconds = await no_sleepers(lab, app)
+        finally:
+            sleeping = await sampler.stop()
+        gone = await probes.wait_sleepers(lab.engine, app, lambda n: n == 0, within=BOUND)
+        remaining, seconds = gone.value, gone.seconds
         async with asyncio.timeout(BOUND):
             pid_after = int(await driver.fetchval("SELECT pg_backend_pid()"))
         closed = bool(driver.is_closed())
@@ -366,12 +338,14 @@ async def asyncio_timeout_in_asyncpg_alone(lab: Lab[Sizes]) -> None:
         "usable on the same backend. Closing the connection is SQLAlchemy's decision.",
         expected={
             "raised": "TimeoutError",
+            "most backends seen in pg_sleep before": at_least(1),
             "backends in pg_sleep": 0,
             "connection closed": False,
             "backend after": pid,
         },
         observed={
             "raised": raised,
+            "most backends seen in pg_sleep before": probes.peak(sleeping),
             "backends in pg_sleep": remaining,
             "connection closed": closed,
             "backend after": pid_after,
@@ -387,12 +361,13 @@ async def asyncpg_command_timeout(lab: Lab[Sizes]) -> None:
     book = await lab.use(ledger)
     app = lab.name("cmdtimeout")
     engine, sessions = one_connection(lab, app, driver_args={"command_timeout": size.cancel_after})
-    invalidations = Invalidations.on(engine)
+    invalidations = probes.Invalidations.on(engine)
     await book.commit(sessions, "before-command-timeout")
     async with sessions() as session:
-        pid = await backend_pid(session)
+        pid = await probes.backend_pid(session)
         await book.flush_doomed(session, "command-timed-out")
         wrapped = False
+        sampler = probes.sleepers_sampler(lab.engine, app, every=0.01, within=BOUND)
         try:
             async with asyncio.timeout(BOUND):
                 await session.execute(select(func.pg_sleep(size.long_sleep)))
@@ -400,8 +375,10 @@ async def asyncpg_command_timeout(lab: Lab[Sizes]) -> None:
         except Exception as err:
             raised = describe(err).rstrip(": ")
             wrapped = isinstance(err, exc.SQLAlchemyError)
+        finally:
+            sleeping = await sampler.stop()
         await session.rollback()
-    remaining, _ = await no_sleepers(lab, app)
+    remaining = (await probes.wait_sleepers(lab.engine, app, lambda n: n == 0, within=BOUND)).value
     old_alive = await probes.live_pids(lab.engine, [pid])
     after = await one_request(sessions)
     lab.check(
@@ -414,6 +391,7 @@ async def asyncpg_command_timeout(lab: Lab[Sizes]) -> None:
             "raised": "TimeoutError",
             "wrapped in a SQLAlchemy error": False,
             "pool invalidate events": ["TimeoutError"],
+            "most backends seen in pg_sleep before": at_least(1),
             "backends in pg_sleep": 0,
             "old backend still in pg_stat_activity": [],
             "next request": "ok",
@@ -423,6 +401,7 @@ async def asyncpg_command_timeout(lab: Lab[Sizes]) -> None:
             "raised": raised,
             "wrapped in a SQLAlchemy error": wrapped,
             "pool invalidate events": invalidations.seen,
+            "most backends seen in pg_sleep before": probes.peak(sleeping),
             "backends in pg_sleep": remaining,
             "old backend still in pg_stat_activity": old_alive,
             "next request": after.result,
@@ -442,12 +421,12 @@ async def statement_timeout_for_an_engine(lab: Lab[Sizes]) -> None:
     engine, sessions = one_connection(
         lab, app, server_settings={"statement_timeout": str(size.statement_timeout_ms)}
     )
-    invalidations = Invalidations.on(engine)
+    invalidations = probes.Invalidations.on(engine)
     await book.commit(sessions, "before-statement-timeout")
 
     async with sessions() as session:
         shown = await session.scalar(text("SHOW statement_timeout"))
-        pid = await backend_pid(session)
+        pid = await probes.backend_pid(session)
         await book.flush_doomed(session, "statement-timed-out")
         error: exc.DBAPIError | None = None
         started = time.perf_counter()
@@ -463,7 +442,7 @@ async def statement_timeout_for_an_engine(lab: Lab[Sizes]) -> None:
         lab.figure("statement_timeout: error after", time.perf_counter() - started, "s")
         next_in_transaction = await sql_outcome(session.execute(select(1)))
         await session.rollback()
-        pid_after = await backend_pid(session)
+        pid_after = await probes.backend_pid(session)
         await session.commit()
         await book.commit(sessions, "after-statement-timeout")
 
@@ -531,7 +510,7 @@ async def set_local_statement_timeout(lab: Lab[Sizes]) -> None:
     timeout = f"{size.statement_timeout_ms}ms"
     _, sessions = one_connection(lab, lab.name("local"))
     async with sessions() as session:
-        pid = await backend_pid(session)
+        pid = await probes.backend_pid(session)
         default = await session.scalar(text("SHOW statement_timeout"))
         await session.execute(text(f"SET LOCAL statement_timeout = '{timeout}'"))
         inside = await session.scalar(text("SHOW statement_timeout"))
@@ -552,7 +531,7 @@ async def set_local_statement_timeout(lab: Lab[Sizes]) -> None:
         seconds = time.perf_counter() - started
         lab.figure(f"SET LOCAL: the next transaction's pg_sleep({size.slow:g})", seconds, "s")
         await session.commit()
-        pid_after = await backend_pid(session)
+        pid_after = await probes.backend_pid(session)
         await session.commit()
     await book.commit(sessions, "after-set-local")
     lab.check(
@@ -586,7 +565,7 @@ class Killed:
     terminated: list[bool]
     survivors: list[int]
     attempts: list[Attempt]
-    invalidations: Invalidations
+    invalidations: probes.Invalidations
     checked_out: int
 
     def used_killed(self, attempts: list[Attempt]) -> list[int]:
@@ -607,11 +586,11 @@ async def terminate_pooled(lab: Lab[Sizes], *, pre_ping: bool) -> Killed:
         pool_pre_ping=pre_ping,
     )
     sessions = lab.sessions_on(engine)
-    invalidations = Invalidations.on(engine)
+    invalidations = probes.Invalidations.on(engine)
     await book.commit(sessions, f"before-kill-{variant}")
     async with sessions() as first, sessions() as second:  # both connections at once
-        await backend_pid(first)
-        await backend_pid(second)
+        await probes.backend_pid(first)
+        await probes.backend_pid(second)
     pooled = queue_pool(engine).checkedin()
     server_pids = await probes.backend_pids(lab.engine, app)
     terminated = [await probes.terminate(lab.engine, pid, wait=BOUND) for pid in server_pids]
@@ -703,7 +682,7 @@ async def killed_mid_transaction(lab: Lab[Sizes]) -> None:
     # pre-ping on, explicitly (not DB_PRE_PING's default): the claim is that it cannot help
     engine, sessions = one_connection(lab, lab.name("kill-midway"), pool_pre_ping=True)
     async with sessions() as session:
-        pid = await backend_pid(session)
+        pid = await probes.backend_pid(session)
         await book.flush_doomed(session, "killed-mid-way")
         killed = await probes.terminate(lab.engine, pid, wait=BOUND)
         commit = "no error"

@@ -21,7 +21,17 @@ from datetime import UTC, datetime
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from .lab import BadSizes, Lab, at_least, describe, experiment, one_transaction, outcome, prefix
+from .lab import (
+    BadSizes,
+    Lab,
+    at_least,
+    describe,
+    experiment,
+    one_transaction,
+    outcome,
+    prefix,
+    probes,
+)
 from .models import TrackPoint, User
 
 
@@ -39,6 +49,8 @@ class Sizes:
     """Seconds between the reader's polls for a user not visible yet."""
 
     def __post_init__(self) -> None:
+        if self.batch < 1:
+            raise BadSizes(f"batch ({self.batch}) must be at least 1")
         if self.users <= self.batch:
             raise BadSizes(
                 f"users ({self.users}) must be more than batch ({self.batch}): with one "
@@ -204,8 +216,8 @@ async def one_session_per_task(lab: Lab[Sizes]) -> None:
     lab.check(
         "the reader acted on committed users only",
         "The reader found each user only after the loader had sent that batch's COMMIT, "
-        "and it did poll while a batch was flushed but not committed (so the check is not "
-        "vacuous): none of those polls found the user.",
+        "and it did poll while a batch was flushed but not committed: none of those polls "
+        "found the user.",
         expected={
             "users found before their COMMIT": 0,
             "polls in the flush-to-commit window": at_least(1),
@@ -233,14 +245,13 @@ async def one_session_per_task(lab: Lab[Sizes]) -> None:
 
 @run.scenario
 async def one_session_shared_by_two_tasks(lab: Lab[Sizes]) -> None:
-    """The same loader and reader on ONE session, first a fresh one, then one that already
-    holds a connection; each variant on its own one-connection engine, so what the misuse
-    leaves in the pool is met by the next two sessions there."""
+    """The same loader and reader on ONE session: a fresh one, then one that already holds
+    a connection (with and without pool_pre_ping). Each variant has a one-connection engine
+    of its own, so what the misuse leaves in the pool is met by the next three sessions."""
     names = [lab.name(f"shared-{i}") for i in range(lab.sizes.batch)]
-    shared = {
-        variant: await share_one_session(lab, names, holding=variant != "fresh session")
-        for variant in ("fresh session", "session holding a connection")
-    }
+    fresh = await share_one_session(lab, names, "fresh", holding=False, pre_ping=True)
+    pinged = await share_one_session(lab, names, "pinged", holding=True, pre_ping=True)
+    unpinged = await share_one_session(lab, names, "unpinged", holding=True, pre_ping=False)
     lab.check(
         "one session shared by two tasks fails",
         "Sharing one AsyncSession between concurrent tasks is not serialised silently: "
@@ -248,35 +259,59 @@ async def one_session_shared_by_two_tasks(lab: Lab[Sizes]) -> None:
         "connection (SQLAlchemy's own guard, or asyncpg's).",
         expected={
             "fresh session": prefix("InvalidRequestError"),
-            "session holding a connection": prefix("InterfaceError"),
+            "session holding a connection (pre-ping on)": prefix("InterfaceError"),
+            "session holding a connection (pre-ping off)": prefix("InterfaceError"),
         },
-        observed={variant: s.error for variant, s in shared.items()},
+        observed={
+            "fresh session": fresh.error,
+            "session holding a connection (pre-ping on)": pinged.error,
+            "session holding a connection (pre-ping off)": unpinged.error,
+        },
     )
-    holding = shared["session holding a connection"]
+    broken = prefix("InterfaceError: cannot use Connection.transaction()")
     lab.check(
-        "the misuse breaks the pooled connection once",
+        "the misuse breaks the pooled connection; only pre-ping replaces it",
         "Observed, not in the docs: after the failure in a session that held a connection, "
-        "that connection goes back to the pool broken, so the next session that checks it "
-        "out fails on its first transaction (pre-ping does not catch it); the pool then "
-        "replaces it and the session after that works.",
-        expected={"next session": prefix("InterfaceError"), "the one after": "ok"},
-        observed={"next session": holding.next_use, "the one after": holding.after_that},
+        "that connection goes back to the pool broken (asyncpg still believes a transaction "
+        "is open). With pool_pre_ping (this project's default) the next checkout's ping "
+        "fails on it with that InterfaceError, which SQLAlchemy does not take for a "
+        "disconnect: the error reaches the next session, and the pool invalidates the "
+        "connection, so the session after works. Without pre-ping nothing replaces it: "
+        "every later session on that pool fails.",
+        expected={
+            "pre-ping on: the next three sessions": [broken, "ok", "ok"],
+            "pre-ping on: connections invalidated": 1,
+            "pre-ping off: the next three sessions": [broken, broken, broken],
+            "pre-ping off: connections invalidated": 0,
+        },
+        observed={
+            "pre-ping on: the next three sessions": pinged.next_uses,
+            "pre-ping on: connections invalidated": len(pinged.invalidated),
+            "pre-ping off: the next three sessions": unpinged.next_uses,
+            "pre-ping off: connections invalidated": len(unpinged.invalidated),
+        },
     )
 
 
 @dataclass
 class SharedOutcome:
     error: str
-    next_use: str
-    after_that: str
+    """What the two tasks sharing the session got (the first error)."""
+    next_uses: list[str]
+    """``ok`` or the error of each of the next three sessions on that engine."""
+    invalidated: list[str]
+    """The pool's ``invalidate`` events meanwhile (the exception type of each)."""
 
 
-async def share_one_session(lab: Lab[Sizes], names: list[str], *, holding: bool) -> SharedOutcome:
+async def share_one_session(
+    lab: Lab[Sizes], names: list[str], variant: str, *, holding: bool, pre_ping: bool
+) -> SharedOutcome:
     """Run the loader and reader on ONE session of a one-connection engine (``holding``:
-    the session has run a query first), then two more sessions on that engine."""
-    engine = lab.one_connection()
+    the session has run a query first), then three more sessions on that engine."""
+    engine = lab.one_connection(pool_pre_ping=pre_ping)
+    invalidations = probes.Invalidations.on(engine)
     sessions = lab.sessions_on(engine)
-    own = [f"{n}-{int(holding)}" for n in names]
+    own = [f"{n}-{variant}" for n in names]
     async with sessions() as session:
         if holding:
             await session.execute(select(1))
@@ -286,10 +321,7 @@ async def share_one_session(lab: Lab[Sizes], names: list[str], *, holding: bool)
             return_exceptions=True,
         )
     errors = [e for e in results if isinstance(e, BaseException)]
-    found = SharedOutcome(
-        describe(errors[0]) if errors else "no error",
-        await outcome(one_transaction(sessions)),
-        await outcome(one_transaction(sessions)),
+    next_uses = [await outcome(one_transaction(sessions)) for _ in range(3)]
+    return SharedOutcome(
+        describe(errors[0]) if errors else "no error", next_uses, invalidations.seen
     )
-    await engine.dispose()
-    return found

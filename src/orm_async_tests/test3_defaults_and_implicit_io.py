@@ -27,7 +27,7 @@ from typing import Any
 from sqlalchemy import exc, func, inspect, select, text, update
 from sqlalchemy.orm import DeclarativeBase, Mapped
 
-from .lab import Lab, at_least, contains, experiment
+from .lab import BadSizes, Lab, at_least, contains, experiment
 from .models import User
 
 
@@ -35,6 +35,13 @@ from .models import User
 class Sizes:
     pause: float = 0.05
     """Seconds between BEGIN and the INSERT, and between transactions."""
+
+    def __post_init__(self) -> None:
+        if self.pause <= 0:
+            raise BadSizes(
+                f"pause ({self.pause}) must be positive: it is what tells the transaction's "
+                "now() from the statement's clock, and one transaction from the next"
+            )
 
 
 run = experiment(3, "Server defaults, timestamps and implicit IO", Sizes)
@@ -117,8 +124,8 @@ async def insert_returns_server_defaults(lab: Lab[Sizes]) -> None:
             "created_at is the transaction's now()",
             "server_default=now() is PostgreSQL's transaction start time, not the moment "
             "of the INSERT: with a pause between BEGIN and INSERT, created_at equals the "
-            "transaction's now() (the expected value) and lies before the INSERT's "
-            "clock_timestamp() by about the pause.",
+            "transaction's now() and lies before the INSERT's clock_timestamp() by at least "
+            "the pause.",
             expected={
                 "created_at": transaction_now,
                 "seconds before the INSERT's clock": at_least(lab.sizes.pause),
@@ -129,14 +136,18 @@ async def insert_returns_server_defaults(lab: Lab[Sizes]) -> None:
             },
         )
         user.username = lab.name("ada-renamed")
-        await session.flush()
+        with lab.statements() as sent:
+            await session.flush()
         updated = await session.scalar(select(User.updated_at).where(User.id == user.id))
         lab.check(
             "same transaction: updated_at == created_at",
             "An UPDATE in the transaction that inserted the row sets updated_at=now(), which is "
             "still the same instant: updated_at does not move within one transaction.",
-            expected=user.created_at,
-            observed=updated,
+            expected={
+                "the UPDATE sets": contains("updated_at=now()"),
+                "updated_at": user.created_at,
+            },
+            observed={"the UPDATE sets": sent[-1].partition(" SET ")[2], "updated_at": updated},
         )
         await session.commit()
 
@@ -149,7 +160,7 @@ async def update_in_a_later_transaction(lab: Lab[Sizes]) -> None:
     await asyncio.sleep(lab.sizes.pause)
     async with lab.sessions() as session:
         user = await session.get_one(User, user.id)
-        before = user.updated_at
+        before, created = user.updated_at, user.created_at
         user.profile = {"city": "Grenoble"}
         with lab.statements() as sent:
             await session.flush()
@@ -157,6 +168,8 @@ async def update_in_a_later_transaction(lab: Lab[Sizes]) -> None:
         read = attempt(lambda: user.updated_at)
         await session.refresh(user, ["updated_at"])
         await session.commit()
+    async with lab.sessions() as session:
+        created_after = await session.scalar(select(User.created_at).where(User.id == user.id))
     lab.check(
         "after an UPDATE flush, updated_at is expired",
         "onupdate=now() is computed by the server, and eager_defaults='auto' does not "
@@ -165,7 +178,7 @@ async def update_in_a_later_transaction(lab: Lab[Sizes]) -> None:
         expected={
             "RETURNING lists": "",
             "updated_at expired": True,
-            "plain read": ("MissingGreenlet raised"),
+            "plain read": "MissingGreenlet raised",
         },
         observed={
             "RETURNING lists": returning(sent[-1]),
@@ -175,12 +188,15 @@ async def update_in_a_later_transaction(lab: Lab[Sizes]) -> None:
     )
     lab.check(
         "updated_at changes on UPDATE (later transaction)",
-        "An ORM UPDATE in a later transaction moves updated_at forward by about the pause "
+        "An ORM UPDATE in a later transaction moves updated_at forward by at least the pause "
         "between the transactions, and leaves created_at alone.",
-        expected={"updated_at moved (s)": at_least(lab.sizes.pause), "created_at": before},
+        expected={
+            "updated_at moved (s)": at_least(lab.sizes.pause),
+            "created_at in the table": created,
+        },
         observed={
             "updated_at moved (s)": seconds(before, user.updated_at),
-            "created_at": user.created_at,
+            "created_at in the table": created_after,
         },
     )
 
@@ -189,6 +205,7 @@ async def update_in_a_later_transaction(lab: Lab[Sizes]) -> None:
 async def eager_defaults_true(lab: Lab[Sizes]) -> None:
     """The same table mapped with eager_defaults=True: change a committed user and flush."""
     user = await committed_user(lab, "eager")
+    await asyncio.sleep(lab.sizes.pause)
     async with lab.sessions() as session:
         eager = await session.get_one(EagerUser, user.id)
         eager.username = lab.name("eager-renamed")
@@ -196,12 +213,23 @@ async def eager_defaults_true(lab: Lab[Sizes]) -> None:
             await session.flush()
         read = attempt(lambda: eager.updated_at)
         await session.commit()
+    async with lab.sessions() as session:
+        stored = await session.scalar(select(User.updated_at).where(User.id == user.id))
     lab.check(
         "eager_defaults=True returns updated_at",
         "Mapped with eager_defaults=True, the UPDATE carries RETURNING updated_at and the "
-        "new value is readable right after the flush.",
-        expected={"RETURNING lists": contains("updated_at"), "plain read": contains("value")},
-        observed={"RETURNING lists": returning(sent[-1]), "plain read": read},
+        "new value is readable right after the flush: the value the table holds after the "
+        "commit, later than the INSERT's.",
+        expected={
+            "RETURNING lists": contains("updated_at"),
+            "plain read": f"value {stored!r}",
+            "moved since the INSERT (s)": at_least(lab.sizes.pause),
+        },
+        observed={
+            "RETURNING lists": returning(sent[-1]),
+            "plain read": read,
+            "moved since the INSERT (s)": seconds(user.updated_at, stored),
+        },
     )
 
 

@@ -101,17 +101,6 @@ async def sleep_in(session: AsyncSession, seconds: float) -> int:
     return int(pid or 0)
 
 
-async def sleeping_on_server(lab: Lab[Sizes], app: str) -> bool:
-    """Wait (bounded) until one of ``app``'s backends runs pg_sleep; False if none did."""
-    found = await probes.poll(
-        lambda: probes.sleepers(lab.engine, app),
-        lambda n: n > 0,
-        within=WAIT_BOUND,
-        every=SAMPLE_EVERY,
-    )
-    return found.held
-
-
 @dataclass
 class Gathered:
     """What :func:`gather_sleeps` saw."""
@@ -142,8 +131,8 @@ class Gathered:
 async def gather_sleeps(lab: Lab[Sizes], app: str, sleeps: Iterable[Awaitable[int]]) -> Gathered:
     """Gather ``sleeps`` (bounded, exceptions returned) while sampling how many of
     ``app``'s backends are in pg_sleep at the same moment."""
-    async with probes.Sampler(
-        lambda: probes.sleepers(lab.engine, app), every=SAMPLE_EVERY, within=WAIT_BOUND
+    async with probes.sleepers_sampler(
+        lab.engine, app, every=SAMPLE_EVERY, within=WAIT_BOUND
     ) as seen:
         started = time.perf_counter()
         async with asyncio.timeout(WAIT_BOUND):
@@ -255,7 +244,9 @@ class Race:
 
 
 async def fail_when_sleeping(lab: Lab[Sizes], app: str) -> None:
-    await sleeping_on_server(lab, app)
+    await probes.wait_sleepers(
+        lab.engine, app, lambda n: n > 0, within=WAIT_BOUND, every=SAMPLE_EVERY
+    )
     raise RuntimeError("another task failed")
 
 
@@ -270,7 +261,9 @@ async def race(lab: Lab[Sizes], engine: AsyncEngine, app: str, variant: str) -> 
             if variant == "connecting":
                 await asyncio.sleep(0)  # the task has started to check out a connection
             elif variant == "query":
-                await sleeping_on_server(lab, app)
+                await probes.wait_sleepers(
+                    lab.engine, app, lambda n: n > 0, within=WAIT_BOUND, every=SAMPLE_EVERY
+                )
             elif variant == "gather":
                 await asyncio.gather(job, fail_when_sleeping(lab, app))
             else:  # "gather, return_exceptions"

@@ -66,6 +66,7 @@ from .lab import (
     capture,
     contains,
     describe,
+    driver_error,
     experiment,
     first_line,
     matches,
@@ -114,8 +115,7 @@ def server_error(exc: BaseException | None) -> str:
     """The server's message, DETAIL and HINT, as PostgreSQL sent them (from asyncpg's error)."""
     if exc is None:
         return "no error"
-    orig = getattr(exc, "orig", None) or exc
-    driver = orig.__cause__ or orig  # the asyncpg exception behind the dialect's wrapper
+    driver = driver_error(exc)  # the asyncpg exception behind the dialect's wrapper
     text_ = first_line(driver)
     for part in ("detail", "hint"):
         value = getattr(driver, part, None)

@@ -57,14 +57,16 @@ from sqlalchemy import Boolean, Table, func, insert, literal_column, select, upd
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from .lab import BadSizes, Lab, at_least, experiment, prefix, sqlstate
-from .lab.context import Execution
+from .lab import BadSizes, Execution, Lab, at_least, experiment, prefix, sqlstate
 from .models import TrackPoint, User
 
 COPY_COLUMNS = ("user_id", "lat", "lon", "date")
 START = datetime(2024, 6, 1, tzinfo=UTC)
 MAX_BIND_PARAMETERS = 32767
 """What one PostgreSQL statement can carry (the protocol counts them in an int16)."""
+PAGE_SIZE = 1000
+"""SQLAlchemy's default ``insertmanyvalues_page_size`` (the project never changes it; the
+experiment reads the dialect's own value when it runs)."""
 
 
 @dataclass(frozen=True)
@@ -78,8 +80,11 @@ class Sizes:
     """Rows the bulk UPDATE by primary key changes: every other row of a batch of `rows`."""
 
     def __post_init__(self) -> None:
-        if self.rows < 2:
-            raise BadSizes(f"rows ({self.rows}) must be at least 2")
+        if self.rows <= PAGE_SIZE:
+            raise BadSizes(
+                f"rows ({self.rows}) must be more than {PAGE_SIZE}, SQLAlchemy's default "
+                "insertmanyvalues page size: the rows must fill more than one page"
+            )
         if not 1 <= self.updates <= (self.rows + 1) // 2:
             raise BadSizes(
                 f"updates ({self.updates}) must be 1 to {(self.rows + 1) // 2}: the bulk "
@@ -549,6 +554,7 @@ async def upsert_on_conflict(lab: Lab[Sizes]) -> None:
         expected={
             "users.updated_at onupdate (the model)": "now()",
             "DO UPDATE SET (sent)": "login_count = excluded.login_count",
+            "existing rows the upsert updated": len(existing),
             "updated rows that kept updated_at": len(existing),
         },
         observed={
@@ -556,6 +562,7 @@ async def upsert_on_conflict(lab: Lab[Sizes]) -> None:
                 "none" if onupdate is None else str(getattr(onupdate, "arg", onupdate))
             ),
             "DO UPDATE SET (sent)": do_update.partition(" RETURNING ")[0],
+            "existing rows the upsert updated": len(updated & set(existing)),
             "updated rows that kept updated_at": sum(
                 n in before and before[n] == at for n, _, at in final
             ),

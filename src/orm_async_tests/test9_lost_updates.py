@@ -79,11 +79,11 @@ from .lab import (
     BadSizes,
     Lab,
     at_least,
+    between,
     describe,
     each,
     experiment,
     first_line,
-    less_than,
     matches,
     probes,
 )
@@ -336,6 +336,8 @@ class Counted:
 
     final: int
     errors: list[str]
+    updates: int
+    """UPDATE statements sent on the counter's row while the tasks ran."""
 
 
 async def hammer(lab: Lab[Sizes], name: str, increment: Increment, *, key: str) -> Counted:
@@ -349,12 +351,12 @@ async def hammer(lab: Lab[Sizes], name: str, increment: Increment, *, key: str) 
                 insert(User).returning(User.id), [{"username": lab.name(f"counter-{key}")}]
             )
         ).one()
-    with lab.timed(f"{name}: {size.increments} increments"):
+    with lab.timed(f"{name}: {size.increments} increments"), lab.statements(ctx.engine) as sent:
         one = partial(increment, ctx.sessions, uid, size.pause)
         errors = await run_concurrently(size.increments, size.concurrency, one)
     async with lab.sessions() as session:
-        final = int(await session.scalar(select(User.login_count).where(User.id == uid)) or 0)
-    return Counted(final, errors)
+        final = (await session.execute(select(User.login_count).where(User.id == uid))).scalar_one()
+    return Counted(final, errors, sum(s.startswith("UPDATE users") for s in sent))
 
 
 NO_ERROR = "No task hit lock_timeout or any other error."
@@ -372,8 +374,12 @@ async def naive_read_modify_write(lab: Lab[Sizes]) -> None:
         "read and write) ends below the number of increments: under READ COMMITTED the second "
         "UPDATE waits for the first, then overwrites it with a value computed from a stale read. "
         + NO_ERROR,
-        expected={"final count": less_than(n), "errors": []},
-        observed={"final count": naive.final, "errors": naive.errors},
+        expected={"UPDATEs sent": n, "final count": between(1, n - 1), "errors": []},
+        observed={
+            "UPDATEs sent": naive.updates,
+            "final count": naive.final,
+            "errors": naive.errors,
+        },
     )
 
 
@@ -443,12 +449,14 @@ async def read_then_for_update(lab: Lab[Sizes]) -> None:
         "exact; so does dropping the first object (the identity map holds it weakly, the "
         "locking SELECT then loads a new one), which is why the bug comes and goes. " + NO_ERROR,
         expected={
-            "kept": less_than(n),
+            "UPDATEs sent (each variant)": [n, n, n],
+            "kept": between(1, n - 1),
             "kept + populate_existing": n,
             "dropped": n,
             "errors": [],
         },
         observed={
+            "UPDATEs sent (each variant)": [c.updates for c in counted.values()],
             **{variant: c.final for variant, c in counted.items()},
             "errors": [f"{variant}: {e}" for variant, c in counted.items() for e in c.errors],
         },

@@ -82,19 +82,18 @@ from sqlalchemy import (
     Row,
     any_,
     bindparam,
+    delete as sa_delete,
     func,
     insert,
     select,
     update,
 )
-from sqlalchemy import delete as sa_delete
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ..db import Database
 from .cases import Environment, Implementation
-from .dataset import Row as PointRow
-from .dataset import points, users
+from .dataset import Row as PointRow, points, users
 from .operations import SmallFilter, Update
 
 

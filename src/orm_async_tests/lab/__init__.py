@@ -29,77 +29,38 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the names below, for type checkers (imported lazily at run time)
     from .checks import (
         Expect as Expect,
-    )
-    from .checks import (
         at_least as at_least,
-    )
-    from .checks import (
         at_most as at_most,
-    )
-    from .checks import (
         between as between,
-    )
-    from .checks import (
         contains as contains,
-    )
-    from .checks import (
         each as each,
-    )
-    from .checks import (
         less_than as less_than,
-    )
-    from .checks import (
         matches as matches,
-    )
-    from .checks import (
         more_than as more_than,
-    )
-    from .checks import (
         not_ as not_,
-    )
-    from .checks import (
         one_of as one_of,
-    )
-    from .checks import (
         prefix as prefix,
-    )
-    from .checks import (
         where as where,
     )
     from .context import (
+        Execution as Execution,
         Lab as Lab,
-    )
-    from .context import (
         Skip as Skip,
     )
+    from .env import free_port as free_port
     from .outcomes import (
         describe as describe,
-    )
-    from .outcomes import (
+        driver_error as driver_error,
         first_line as first_line,
-    )
-    from .outcomes import (
         one_transaction as one_transaction,
-    )
-    from .outcomes import (
         outcome as outcome,
-    )
-    from .outcomes import (
         sqlstate as sqlstate,
     )
     from .registry import (
         BadSizes as BadSizes,
-    )
-    from .registry import (
         Experiment as Experiment,
-    )
-    from .registry import (
         NoSizes as NoSizes,
-    )
-    from .registry import (
         Scenario as Scenario,
-    )
-    from .registry import (
         experiment as experiment,
     )
 
@@ -119,9 +80,17 @@ _HOMES = {
         "prefix",
         "where",
     ),
-    "context": ("Lab", "Skip"),
+    "context": ("Execution", "Lab", "Skip"),
+    "env": ("free_port",),
     "registry": ("BadSizes", "Experiment", "NoSizes", "Scenario", "experiment"),
-    "outcomes": ("describe", "first_line", "one_transaction", "outcome", "sqlstate"),
+    "outcomes": (
+        "describe",
+        "driver_error",
+        "first_line",
+        "one_transaction",
+        "outcome",
+        "sqlstate",
+    ),
 }
 _WHERE = {name: module for module, names in _HOMES.items() for name in names}
 

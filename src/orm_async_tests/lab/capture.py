@@ -61,6 +61,9 @@ def captured(
     box = Captured()
     handler = _Recorder(level, box)
     log = logging.getLogger(logger)
+    was = log.level
+    if log.getEffectiveLevel() > level:
+        log.setLevel(level)  # else the logger drops the records before the handler sees them
     log.addHandler(handler)
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -73,6 +76,7 @@ def captured(
                     gc.collect()
     finally:
         log.removeHandler(handler)
+        log.setLevel(was)
 
 
 @contextmanager

@@ -72,8 +72,6 @@ def catalogue() -> dict[int, Entry]:
                 f"experiment number {entry.number} is declared by {found[entry.number].path.name}"
                 f" and {path.name}"
             )
-        if f"test{entry.number}_" not in path.name:
-            raise ExperimentError(f"{path.name} declares experiment {entry.number}")
         found[entry.number] = entry
     return dict(sorted(found.items()))
 
@@ -84,6 +82,12 @@ def entry(number: int) -> Entry | None:
     if len(paths) > 1:
         raise ExperimentError(f"two modules for experiment {number}: {paths[0]}, {paths[1]}")
     return read(paths[0]) if paths else None
+
+
+def _numbered(path: Path, number: int) -> None:
+    named = MODULE_FILE.fullmatch(path.name)
+    if named is None or int(named.group(1)) != number:
+        raise ExperimentError(f"{path.name} declares experiment {number}")
 
 
 def split_doc(doc: str) -> tuple[str, str]:
@@ -109,6 +113,7 @@ def read(path: Path) -> Entry:
         for node in tree.body
         if isinstance(node, ast.AsyncFunctionDef) and _is_scenario(node, variable)
     )
+    _numbered(path, number)
     return Entry(
         number,
         title,

@@ -120,20 +120,26 @@ class _Text(Expect):
         return re.search(self.part, value) is not None
 
 
+def _text(kind: str, part: str) -> Expect:
+    if not part:
+        raise ValueError(f"{kind}('') accepts every text: say what the text must hold")
+    return _Text(kind, part)
+
+
 def prefix(start: str) -> Expect:
     """A text (or an exception, as ``"TypeName: message"``) that starts with ``start``."""
-    return _Text("prefix", start)
+    return _text("prefix", start)
 
 
 def contains(part: str) -> Expect:
     """A text (or an exception) with ``part`` in it."""
-    return _Text("contains", part)
+    return _text("contains", part)
 
 
 def matches(pattern: str) -> Expect:
     """A text (or an exception) in which the regular expression ``pattern`` is found."""
     re.compile(pattern)
-    return _Text("matches", pattern)
+    return _text("matches", pattern)
 
 
 @dataclass(frozen=True, repr=False)
@@ -181,12 +187,24 @@ class _Not(Expect):
         return f"not {shown(self.other)}"
 
     def test(self, observed: Any) -> bool:
+        if not isinstance(self.other, Expect) and not _same_kind(self.other, observed):
+            return False
         return not agrees(self.other, observed)
 
 
 def not_(other: Any) -> Expect:
-    """Anything that does not agree with ``other``."""
+    """Anything ``other`` does not accept; against a plain value, a value of the same kind
+    (a number for a number, a text for a text) that differs: ``not_(pid)`` refuses
+    ``None``, so a missing observation does not pass for a different one."""
     return _Not(other)
+
+
+def _same_kind(a: Any, b: Any) -> bool:
+    if _is_number(a) or _is_number(b):
+        return _is_number(a) and _is_number(b)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return True
+    return type(a) is type(b)
 
 
 @dataclass(frozen=True, repr=False)
@@ -232,7 +250,9 @@ def mismatches(expected: Any, observed: Any, path: str = "") -> list[str]:
         for key in expected.keys() & observed.keys():
             found.extend(mismatches(expected[key], observed[key], _join(path, key)))
         return sorted(found)
-    if isinstance(expected, list | tuple) and _has_comparator(expected):
+    if isinstance(expected, list | tuple):
+        # item by item, with the same rules (a bool is not a number, floats are close):
+        # a list and a tuple of the same items agree
         if not isinstance(observed, list | tuple) or len(observed) != len(expected):
             return [f"{where_}expected {shown(expected)}, observed {shown(observed)}"]
         found = []
@@ -246,11 +266,13 @@ def mismatches(expected: Any, observed: Any, path: str = "") -> list[str]:
         type(expected) is type(observed) or (_is_number(expected) and _is_number(observed))
     ):
         return []
-    return [f"{where_}expected {shown(expected)}, observed {shown(observed)}"]
-
-
-def _has_comparator(values: Sequence[Any]) -> bool:
-    return any(isinstance(v, Expect | Mapping | list | tuple) for v in values)
+    want, got = shown(expected), shown(observed)
+    if want == got:  # alike in text: say what differs
+        want, got = (
+            f"{expected!r} ({type(expected).__name__})",
+            f"{observed!r} ({type(observed).__name__})",
+        )
+    return [f"{where_}expected {want}, observed {got}"]
 
 
 def _join(path: str, key: Any) -> str:

@@ -23,9 +23,12 @@ standard library and the function's module only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import inspect
 import json
+import os
+import re
 import signal
 import sys
 import time
@@ -95,6 +98,7 @@ async def call(
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,  # its own process group: a kill reaches what it started too
     )
     try:
         async with asyncio.timeout(within):
@@ -105,7 +109,8 @@ async def call(
         ) from None
     finally:
         if proc.returncode is None:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
     assert proc.returncode is not None  # communicate() returns once the child has exited
     return _parse(
@@ -123,7 +128,8 @@ def _parse(returncode: int, stdout: str, stderr: str, seconds: float) -> ChildRu
     own: list[str] = []
     for line in stdout.split("\n"):
         if not line.startswith(MARK):
-            own.append(line)
+            if line:
+                own.append(line)
             continue
         message = json.loads(line[len(MARK) :])
         if "item" in message:
@@ -136,17 +142,18 @@ def _parse(returncode: int, stdout: str, stderr: str, seconds: float) -> ChildRu
 
 
 def _send(message: dict[str, Any]) -> None:
-    sys.stdout.write(MARK + json.dumps(message) + "\n")
+    # a new line first: output of the child's own that did not end its line stays apart
+    sys.stdout.write("\n" + MARK + json.dumps(message) + "\n")
     sys.stdout.flush()
 
 
 def _serve(request: str) -> int:
-    asked = json.loads(request)
-    target: Any = importlib.import_module(asked["module"])
-    for part in asked["name"].split("."):
-        target = getattr(target, part)
-    args = asked["args"]
     try:
+        asked = json.loads(request)
+        target: Any = importlib.import_module(asked["module"])
+        for part in asked["name"].split("."):
+            target = getattr(target, part)
+        args = asked["args"]
         if inspect.isasyncgenfunction(target):
 
             async def drain() -> None:
@@ -161,9 +168,10 @@ def _serve(request: str) -> int:
                 _send({"item": item})
         else:
             _send({"item": target(*args)})
-    except Exception as exc:
+    except BaseException as exc:  # SystemExit, KeyboardInterrupt too: say what ended it
         lines = str(exc).strip().splitlines()
-        _send({"error": f"{type(exc).__name__}: {lines[0] if lines else ''}"})
+        message = re.sub(r"^\([\w.]+\) ", "", lines[0] if lines else "")
+        _send({"error": f"{type(exc).__name__}: {message}".rstrip(": ")})
         return 1
     _send({"done": True})
     return 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Generic, NoReturn, TypeVar, cast
@@ -55,7 +55,7 @@ class Lab(Generic[S]):
         self.db = db
         self.sizes = sizes
         self.tag = f"e{number}-{secrets.token_hex(3)}-"
-        self._part = ScenarioResult("", "", "")
+        self._part: ScenarioResult | None = None
         self._engines: list[AsyncEngine] = []
         self._stack = AsyncExitStack()
         self._fixtures: dict[Any, tuple[Any, BaseException | None]] = {}
@@ -63,27 +63,38 @@ class Lab(Generic[S]):
     # ------------------------------------------------------------------ the record
 
     def begin(self, part: ScenarioResult | None) -> None:
-        """The runner: record what follows under this scenario."""
-        self._part = part if part is not None else ScenarioResult("", "", "")
+        """The runner: record what follows under this scenario (``None``: outside any)."""
+        self._part = part
+
+    @property
+    def part(self) -> ScenarioResult:
+        """The scenario being recorded; a check outside one (in a fixture's exit, say)
+        would be counted nowhere, so it is refused."""
+        if self._part is None:
+            raise RuntimeError("a check, figure or note outside a scenario is counted nowhere")
+        return self._part
 
     def check(self, name: str, claim: str, *, expected: Any, observed: Any) -> bool:
         """Record one finding: ``observed`` compared with ``expected`` (a value, a
         comparator of :mod:`.checks`, or a dict/list of those). Returns whether it held."""
-        found = make_check(self._part.name, name, claim, expected, observed)
-        self._part.checks.append(found)
+        found = make_check(self.part.name, name, claim, expected, observed)
+        self.part.checks.append(found)
         return found.passed
 
     def figure(self, label: str, value: float, unit: str = "") -> float:
         """Record a measured figure (a timing, a size, a rate) for the report."""
-        self._part.figures.append(Figure(label, float(value), unit))
+        self.part.figures.append(Figure(label, float(value), unit))
         return value
 
     def note(self, text: str) -> None:
         """Something observed that is not a check (shown under the scenario)."""
-        self._part.notes.append(" ".join(text.split()))
+        self.part.notes.append(" ".join(text.split()))
 
     def skip(self, reason: str) -> NoReturn:
-        """Stop this scenario: it cannot run on this setup (reported as SKIPPED)."""
+        """Stop this scenario: it cannot run on this setup (reported as SKIPPED, with
+        ``reason``; checks it made before still count)."""
+        if not reason.strip():
+            raise ValueError("lab.skip() needs the reason the scenario cannot run here")
         raise Skip(reason)
 
     @contextmanager
@@ -211,14 +222,22 @@ class Lab(Generic[S]):
         return cast(T, value)
 
     async def close(self) -> None:
-        """Exit the fixtures, dispose the engines made here, delete the run's rows."""
-        try:
-            await self._stack.aclose()
-        finally:
-            for engine in self._engines:
-                await engine.dispose()
-            self._engines.clear()
-            await delete_tagged(self.sessions, self.tag)
+        """Exit the fixtures, dispose the engines made here, delete the run's rows; each
+        step runs even when one before it failed, and the first failure is raised."""
+        failures: list[BaseException] = []
+        steps: list[Callable[[], Awaitable[None]]] = [
+            self._stack.aclose,
+            *(engine.dispose for engine in self._engines),
+            lambda: delete_tagged(self.sessions, self.tag),
+        ]
+        for step in steps:
+            try:
+                await step()
+            except Exception as exc:
+                failures.append(exc)
+        self._engines.clear()
+        if failures:
+            raise failures[0]
 
 
 async def delete_tagged(sessions: async_sessionmaker[AsyncSession], tag: str) -> None:

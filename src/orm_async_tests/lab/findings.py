@@ -88,11 +88,12 @@ def _scenarios(results: Sequence[Result]) -> list[dict[str, Any]]:
                     {
                         "name": c.name,
                         "claim": c.claim,
-                        "expected": c.expected,
+                        "expected": [None] * len(parts),
                         "observed": [None] * len(parts),
                         "passed": [None] * len(parts),
                     },
                 )
+                entry["expected"][run] = c.expected
                 entry["observed"][run] = c.observed
                 entry["passed"][run] = c.passed
         figures: dict[tuple[str, int], dict[str, Any]] = {}
@@ -132,7 +133,10 @@ def interval(label: str, unit: str, values: Sequence[float | None]) -> str:
     return low if low == high else f"{low} to {high}"
 
 
-def _observed(values: Sequence[str | None]) -> str:
+def _observed(values: Sequence[str | None] | str) -> str:
+    """The values of the runs, each distinct one once (``‖`` between them)."""
+    if isinstance(values, str):
+        return values
     distinct = list(dict.fromkeys(v for v in values if v is not None))
     return " ‖ ".join(distinct) if distinct else "—"
 
@@ -190,8 +194,11 @@ def render_markdown(data: Mapping[str, Any]) -> str:
             out += [f"### {exp['name']}.{n} {scenario['title']}", "", _cell(scenario["doc"]), ""]
             skipped = [s for s in scenario["skipped"] if s]
             if skipped:
-                out += [f"SKIPPED: {skipped[0]}", ""]
-                continue
+                runs = [str(i) for i, s in enumerate(scenario["skipped"], 1) if s]
+                where = "" if len(runs) == len(scenario["skipped"]) else f" (run {', '.join(runs)})"
+                out += [f"SKIPPED{where}: {_cell(skipped[0])}", ""]
+                if not scenario["checks"] and not any(scenario["errors"]):
+                    continue
             errors = [e for e in scenario["errors"] if e]
             if errors:
                 out += [f"ERROR: {errors[0]}", ""]
@@ -199,7 +206,7 @@ def render_markdown(data: Mapping[str, Any]) -> str:
                 out += ["| check | expected | observed | verdict |", "|---|---|---|---|"]
                 for c in scenario["checks"]:
                     out.append(
-                        f"| {_cell(c['name'])} | {_cell(c['expected'])} | "
+                        f"| {_cell(c['name'])} | {_cell(_observed(c['expected']))} | "
                         f"{_cell(_observed(c['observed']))} | {_verdict(c['passed'])} |"
                     )
                 out.append("")
@@ -245,8 +252,11 @@ def readme_block(data: Mapping[str, Any], findings_link: str) -> str:
         ok, total = held(exp)
         skipped = [s for sc in exp["scenarios"] for s in sc["skipped"] if s]
         counted = f"{ok}/{total} hold"
+        partly = sum(any(sc["skipped"]) for sc in exp["scenarios"])
         if not total:
             counted = f"skipped: {_cell(skipped[0])}" if skipped else "no check"
+        elif partly:
+            counted += f" ({partly} skipped)"
         anchor = re.sub(r"[^\w\- ]", "", f"{exp['name']} — {exp['title']}".lower())
         anchor = anchor.replace(" ", "-")
         rows.append(

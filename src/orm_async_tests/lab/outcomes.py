@@ -9,8 +9,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from ..errors import first_line as first_line
-from ..errors import sqlstate as sqlstate
+from ..errors import first_line as first_line, sqlstate as sqlstate
 
 
 def describe(exc: BaseException) -> str:
@@ -23,6 +22,16 @@ def describe(exc: BaseException) -> str:
 
 
 _WRAPPED = re.compile(r"^\([\w.]+\) ")
+
+
+def driver_error(exc: BaseException) -> BaseException:
+    """The driver's own exception behind SQLAlchemy's ``DBAPIError`` (asyncpg's
+    ``QueryCanceledError``, say): ``exc.orig``, and what that adapter wraps; ``exc`` itself
+    when it wraps nothing."""
+    orig = getattr(exc, "orig", None)
+    if not isinstance(orig, BaseException):
+        return exc
+    return orig.__cause__ if orig.__cause__ is not None else orig
 
 
 async def outcome(awaitable: Awaitable[Any]) -> str:

@@ -13,11 +13,11 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import Generic, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import event, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.pool import QueuePool
 
 T = TypeVar("T")
@@ -56,6 +56,58 @@ async def backends(
 async def sleepers(engine: AsyncEngine, application_name: str) -> int:
     """Backends of ``application_name`` that are running a ``pg_sleep`` right now."""
     return await backends(engine, application_name, state="active", query_like=SLEEPING)
+
+
+async def settle(engine: AsyncEngine, application_name: str, want: int, *, within: float) -> int:
+    """Poll the server's count of ``application_name``'s connections until it is ``want``
+    (or ``within`` seconds are up); the last count."""
+    found = await poll(
+        lambda: backends(engine, application_name), lambda n: n == want, within=within
+    )
+    return found.value
+
+
+async def wait_sleepers(
+    engine: AsyncEngine,
+    application_name: str,
+    until: Callable[[int], bool],
+    *,
+    within: float,
+    every: float = 0.02,
+) -> Polled[int]:
+    """Poll how many of ``application_name``'s backends run ``pg_sleep`` until ``until``
+    holds (``lambda n: n == 0``: the query is gone; ``n > 0``: it started)."""
+    return await poll(lambda: sleepers(engine, application_name), until, within=within, every=every)
+
+
+def sleepers_sampler(
+    engine: AsyncEngine, application_name: str, *, every: float, within: float
+) -> Sampler[int]:
+    """A :class:`Sampler` of how many of ``application_name``'s backends run ``pg_sleep``."""
+    return Sampler(lambda: sleepers(engine, application_name), every=every, within=within)
+
+
+async def backend_pid(session: AsyncSession | AsyncConnection) -> int:
+    """``pg_backend_pid()`` of the connection the session (or connection) is on."""
+    return int(await session.scalar(text("SELECT pg_backend_pid()")) or 0)
+
+
+@dataclass
+class Invalidations:
+    """What the pool's ``invalidate`` event reported: one exception type name (or "None")
+    per invalidated connection, from :meth:`on` on."""
+
+    seen: list[str] = field(default_factory=list)
+
+    @classmethod
+    def on(cls, engine: AsyncEngine) -> Invalidations:
+        found = cls()
+
+        def record(dbapi_connection: Any, record: Any, exception: BaseException | None) -> None:
+            found.seen.append(type(exception).__name__ if exception is not None else "None")
+
+        event.listen(engine.sync_engine.pool, "invalidate", record)
+        return found
 
 
 async def backend_pids(engine: AsyncEngine, application_name: str) -> list[int]:

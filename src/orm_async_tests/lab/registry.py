@@ -21,14 +21,15 @@ An experiment is one module ``testN_<subject>.py`` directly under the package::
                   expected=lab.sizes.users, observed=count)
 
 The module docstring's first paragraph is the question; the scenarios run in
-the order they are defined, each with a fresh view of the same :class:`Lab`
-(``lab.use(fixture)`` shares what several of them need); the checks are the
-answer. :mod:`.catalogue` reads the same facts from the source without
+the order they are defined, on one :class:`Lab` (its record is kept per
+scenario; ``lab.use(fixture)`` shares what several of them need); the checks are
+the answer. :mod:`.catalogue` reads the same facts from the source without
 importing it (for ``--help`` and ``list``), and a test keeps the two equal.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import importlib
 import inspect
@@ -145,6 +146,12 @@ class Experiment(Generic[S]):
                     part.skipped = str(why)
                 except Exception as exc:
                     part.error = _describe(exc)
+                    part.traceback = traceback.format_exc()
+                except asyncio.CancelledError as exc:
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        raise  # this run is being cancelled (Ctrl-C): not the scenario's doing
+                    part.error = f"CancelledError leaked out of the scenario: {exc}".rstrip(": ")
                     part.traceback = traceback.format_exc()
                 finally:
                     part.seconds = time.perf_counter() - begun

@@ -46,7 +46,8 @@ def _scenario(index: int, part: ScenarioResult, before: int, *, with_traceback: 
     out.append(_wrap(part.doc, WIDTH))
     if part.skipped is not None:
         out.append(f"SKIPPED: {part.skipped}")
-        return out
+        if not part.checks:
+            return out
     if part.checks:
         out.append("")
         rows: list[list[str]] = []

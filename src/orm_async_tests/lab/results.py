@@ -6,6 +6,7 @@ check fails the experiment, as does an error or a check that does not hold.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,8 @@ class Figure:
     unit: str
 
     def shown(self) -> str:
+        if not math.isfinite(self.value):
+            return f"{self.value} {self.unit}".rstrip()
         if self.unit == "s":
             return f"{self.value:.3f} s" if self.value < 10 else f"{self.value:.1f} s"
         if self.unit == "MiB":
@@ -53,13 +56,15 @@ class ScenarioResult:
 
     @property
     def status(self) -> str:
-        if self.skipped is not None:
-            return "SKIPPED"
+        """ERROR and FAILED before SKIPPED: a scenario that checked something and then
+        skipped still answers for those checks."""
         if self.error is not None:
             return "ERROR"
-        if not self.checks:
-            return "NO CHECK"
-        return "FAILED" if self.failed else "PASSED"
+        if self.failed:
+            return "FAILED"
+        if self.skipped is not None:
+            return "SKIPPED"
+        return "PASSED" if self.checks else "NO CHECK"
 
 
 @dataclass
@@ -97,10 +102,16 @@ class Result:
 
     @property
     def skipped(self) -> str | None:
-        """Why, when no scenario ran at all (the experiment cannot run here)."""
-        if self.scenarios and not self.ran:
+        """Why, when no scenario ran at all (the experiment cannot run here) and nothing
+        was checked or went wrong on the way: only then is a skip the whole verdict."""
+        if self.scenarios and not self.ran and not self.checks and not self.errors:
             return "; ".join(dict.fromkeys(s.skipped or "" for s in self.scenarios))
         return None
+
+    @property
+    def ok(self) -> bool:
+        """Passed, or skipped as a whole: what exits 0."""
+        return self.passed or self.skipped is not None
 
     @property
     def errors(self) -> list[str]:
@@ -114,16 +125,10 @@ class Result:
 
     @property
     def passed(self) -> bool:
-        return (
-            bool(self.ran)
-            and not self.errors
-            and not self.empty
-            and not self.failed
-            and bool(self.checks)
-        )
+        return bool(self.ran) and not self.errors and not self.empty and not self.failed
 
     def verdict(self) -> str:
-        if self.skipped is not None and not self.errors:
+        if self.skipped is not None:
             return f"SKIPPED: {self.skipped}"
         held = f"{len(self.checks) - len(self.failed)}/{len(self.checks)} checks hold"
         if self.errors:
@@ -133,7 +138,7 @@ class Result:
             return f"FAILED: scenario {names} made no check ({held})"
         if self.failed:
             return f"FAILED: {held}"
-        if not self.scenarios:
+        if not self.ran:
             return "FAILED: no scenario ran"
         skipped = "".join(f"; skipped {s.title!r}: {s.skipped}" for s in self.skipped_scenarios)
         return f"PASSED: {held}{skipped}"

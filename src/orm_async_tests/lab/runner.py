@@ -34,6 +34,10 @@ from .scripts import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_SETUP
 TRACEBACK_VARIABLE = "ORM_ASYNC_TESTS_TRACEBACK"
 
 
+class ReportError(RuntimeError):
+    """The report cannot read or write its files (one line, exit status 2)."""
+
+
 @dataclass(frozen=True)
 class Planned:
     """One experiment to run: its module, size overrides, and the scenarios (all: None)."""
@@ -59,7 +63,9 @@ def guarded(main: Callable[[list[Target]], Coroutine[Any, Any, int]]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except BadSizes as exc:
+    except BrokenPipeError:
+        raise  # the reader left (`| head`): scripts.reader_may_leave ends quietly
+    except (BadSizes, ReportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_SETUP
     except Exception as exc:
@@ -97,7 +103,7 @@ async def run_plan(plan: Sequence[Planned], target_out: list[Target] | None = No
             result = await experiment.run(db, planned.sizes, only=planned.only)
             show = bool(os.environ.get(TRACEBACK_VARIABLE))
             print(format_report(result, where, with_traceback=show), flush=True)
-            failures += not (result.passed or result.skipped)
+            failures += not result.ok
     return EXIT_FAILED if failures else EXIT_OK
 
 
@@ -108,6 +114,8 @@ async def run_report(
     README's block (see :mod:`.findings`). Exit status 1 if any check failed in any run."""
     from .findings import Versions, collect, write
 
+    if readme is not None:
+        check_readme(readme)
     plan = [Planned(entry.module) for entry in catalogue().values()]
     experiments = [load(planned.module) for planned in plan]
     settings = Settings.from_env()
@@ -126,7 +134,7 @@ async def run_report(
                 result = await experiment.run(db)
                 results.append((experiment.number, result))
                 print(f"run {run}/{runs} {experiment.name}: {result.verdict()}", flush=True)
-                if not (result.passed or result.skipped):
+                if not result.ok:
                     print(format_report(result, where, with_traceback=True), flush=True)
             done.append(results)
     driver = target.url.get_driver_name()
@@ -141,10 +149,24 @@ async def run_report(
         else redacted(settings.pgbouncer_url),
     )
     data = collect(done, versions, command, date.today().isoformat())
-    for path in write(data, out, readme):
+    try:
+        written = write(data, out, readme)
+    except OSError as exc:
+        raise ReportError(f"cannot write the findings into {out}: {exc}") from None
+    for path in written:
         print(f"wrote {path}")
-    failed = any(not (r.passed or r.skipped) for results in done for _, r in results)
+    failed = any(not r.ok for results in done for _, r in results)
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def check_readme(readme: Path) -> None:
+    """Before any run: the README exists and has the block the report writes."""
+    from .findings import replace_block
+
+    try:
+        replace_block(readme.read_text(), "")
+    except (OSError, ValueError) as exc:
+        raise ReportError(f"cannot update {readme}: {exc}") from None
 
 
 def database_line(db: Database, server_version: str) -> str:
