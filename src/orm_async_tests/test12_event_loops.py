@@ -87,7 +87,10 @@ def pooled_concurrent() -> list[str]:
     db = open_database(pool_size=1, max_overflow=0)
 
     async def main() -> list[str]:
-        await one_query(db.engine)  # the pooled connection now belongs to this loop
+        try:
+            await one_query(db.engine)  # the pooled connection now belongs to this loop
+        except Exception as exc:
+            return [describe(exc)]
         other = await asyncio.to_thread(in_thread_loop, lambda: one_query(db.engine))
         return ["ok", other]
 
