@@ -14,7 +14,8 @@ import os
 import platform
 import sys
 import traceback
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import date
 from importlib.metadata import version
@@ -79,15 +80,13 @@ def guarded(main: Callable[[list[Target]], Coroutine[Any, Any, int]]) -> int:
         return EXIT_SETUP
 
 
-async def run_plan(plan: Sequence[Planned], target_out: list[Target] | None = None) -> int:
-    """Open the database once, make it ready, run each experiment and print its report.
-
-    The experiments are imported and their sizes checked first: sizes that do not fit
-    (:class:`BadSizes`) are refused before any connection is made.
-    """
-    experiments = [load(planned.module) for planned in plan]
-    for experiment, planned in zip(experiments, plan, strict=True):
-        experiment.make_sizes(planned.sizes)
+@asynccontextmanager
+async def ready_database(
+    target_out: list[Target] | None,
+) -> AsyncIterator[tuple[Database, str]]:
+    """The project's database from the environment, made ready (the embedded default
+    migrated to head; another server checked), and the line that names it and the
+    versions; ``target_out`` gets the target first, so a setup error can name it."""
     settings = Settings.from_env()
     target = resolve_target(settings)
     if target_out is not None:
@@ -97,7 +96,19 @@ async def run_plan(plan: Sequence[Planned], target_out: list[Target] | None = No
         message = await migrations.prepare(db)
         if message:
             print(message)
-        where = database_line(db, server)
+        yield db, database_line(db, server)
+
+
+async def run_plan(plan: Sequence[Planned], target_out: list[Target] | None = None) -> int:
+    """Open the database once, make it ready, run each experiment and print its report.
+
+    The experiments are imported and their sizes checked first: sizes that do not fit
+    (:class:`BadSizes`) are refused before any connection is made.
+    """
+    experiments = [load(planned.module) for planned in plan]
+    for experiment, planned in zip(experiments, plan, strict=True):
+        experiment.make_sizes(planned.sizes)
+    async with ready_database(target_out) as (db, where):
         failures = 0
         for experiment, planned in zip(experiments, plan, strict=True):
             result = await experiment.run(db, planned.sizes, only=planned.only)
@@ -118,15 +129,8 @@ async def run_report(
         check_readme(readme)
     plan = [Planned(entry.module) for entry in catalogue().values()]
     experiments = [load(planned.module) for planned in plan]
-    settings = Settings.from_env()
-    target = resolve_target(settings)
-    target_out.append(target)
-    async with open_database(settings, target=target) as db:
+    async with ready_database(target_out) as (db, where):
         server = await db.server_version()
-        message = await migrations.prepare(db)
-        if message:
-            print(message)
-        where = database_line(db, server)
         done: list[list[tuple[int, Result]]] = []
         for run in range(1, runs + 1):
             results = []
@@ -137,6 +141,7 @@ async def run_report(
                 if not result.ok:
                     print(format_report(result, where, with_traceback=True), flush=True)
             done.append(results)
+    target, settings = db.target, db.settings
     driver = target.url.get_driver_name()
     versions = Versions(
         python=platform.python_version(),

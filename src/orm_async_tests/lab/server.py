@@ -125,20 +125,10 @@ async def start(
 
 
 @asynccontextmanager
-async def serving(
-    command: Sequence[str],
-    *,
-    port: int,
-    env: Mapping[str, str],
-    log: Path,
-    name: str = "server",
-    ready: str = "/health",
-    within: float = 60.0,
-) -> AsyncIterator[ChildServer]:
-    """:func:`start`, then :meth:`ChildServer.stop` when the block ends (if still running)."""
-    server = await start(
-        command, port=port, env=env, log=log, name=name, ready=ready, within=within
-    )
+async def serving(command: Sequence[str], **options: Any) -> AsyncIterator[ChildServer]:
+    """:func:`start` (same options), then :meth:`ChildServer.stop` when the block ends (if
+    the server is still running)."""
+    server = await start(command, **options)
     try:
         yield server
     finally:
