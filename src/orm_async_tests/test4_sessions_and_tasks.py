@@ -47,6 +47,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_scoped_session
@@ -219,6 +220,21 @@ async def concurrent_reads_on_one_session(lab: Lab[Sizes]) -> None:
 # --- the session closed while a task still uses it ----------------------------------------
 
 
+SHOWN = {
+    "close": "block",
+    "leaves the block": "block",
+    "its __context__": "context",
+    "task still running after the close": "running_after_close",
+    "task": "task",
+    "checked out": "checked_out_after_task",
+    "idle in transaction": "idle_in_transaction",
+    "second close": "second_close",
+    "checked out after the second close": "checked_out_after_second_close",
+    "next use": "next_use",
+}
+"""The race's observations by the name a check gives them."""
+
+
 @dataclass
 class Race:
     block: str = "no error"  # what `async with sessions() as session:` raised
@@ -237,6 +253,10 @@ class Race:
     pid: int = 0  # the task's backend
     backend_gone: bool = False  # that backend has left pg_stat_activity
     next_use_after_gc: str = "?"
+
+    def observed(self, expected: dict[str, Any]) -> dict[str, Any]:
+        """What the race shows under each key of ``expected`` (see :data:`SHOWN`)."""
+        return {key: getattr(self, SHOWN[key]) for key in expected}
 
     @property
     def warnings(self) -> str:
@@ -353,30 +373,23 @@ async def closed_while_the_task_connects(lab: Lab[Sizes]) -> None:
     """create_task(session.execute(pg_sleep)), then leave the session's `async with` at
     once, while the task is still checking out its connection."""
     found = await race_on_its_own_engine(lab, "connecting", "connecting")
+    expected = {
+        "close": matches(r"^IllegalStateChangeError: .*_connection_for_bind\(\)"),
+        "task still running after the close": True,
+        "task": "ok",
+        "checked out": 1,
+        "idle in transaction": 1,
+        "second close": "ok",
+        "checked out after the second close": 0,
+    }
     lab.check(
         "closed while the task connects: IllegalStateChangeError",
         "The block exits right after create_task(session.execute(...)), while the task is "
         "still checking out its connection: close() is refused by the session's state guard, "
         "the task goes on and succeeds, and the connection it got stays checked out, 'idle in "
         "transaction', until a second close() returns it.",
-        expected={
-            "close": matches(r"^IllegalStateChangeError: .*_connection_for_bind\(\)"),
-            "task still running after the close": True,
-            "task": "ok",
-            "checked out": 1,
-            "idle in transaction": 1,
-            "second close": "ok",
-            "checked out after the second close": 0,
-        },
-        observed={
-            "close": found.block,
-            "task still running after the close": found.running_after_close,
-            "task": found.task,
-            "checked out": found.checked_out_after_task,
-            "idle in transaction": found.idle_in_transaction,
-            "second close": found.second_close,
-            "checked out after the second close": found.checked_out_after_second_close,
-        },
+        expected=expected,
+        observed=found.observed(expected),
     )
 
 
@@ -385,6 +398,16 @@ async def closed_while_the_query_runs(lab: Lab[Sizes]) -> None:
     """create_task(session.execute(pg_sleep)), wait until the server runs the sleep, then
     leave the session's `async with`; then drop the objects and collect garbage."""
     found = await race_on_its_own_engine(lab, "query", "query")
+    expected = {
+        "close": matches(r"^InterfaceError: .*another operation is in progress"),
+        "task still running after the close": True,
+        "task": "ok",
+        "checked out": 1,
+        "idle in transaction": 1,
+        "second close": "ok",
+        "checked out after the second close": 1,
+        "next use": prefix("TimeoutError"),
+    }
     lab.check(
         "closed while the task's query runs: the connection leaks",
         "The block exits while the task's SELECT pg_sleep runs: close() fails in asyncpg "
@@ -392,26 +415,8 @@ async def closed_while_the_query_runs(lab: Lab[Sizes]) -> None:
         "The connection is neither returned nor invalidated: it stays checked out, its backend "
         "'idle in transaction'; a second close() succeeds but changes nothing; the next "
         "checkout waits pool_timeout and fails.",
-        expected={
-            "close": matches(r"^InterfaceError: .*another operation is in progress"),
-            "task still running after the close": True,
-            "task": "ok",
-            "checked out": 1,
-            "idle in transaction": 1,
-            "second close": "ok",
-            "checked out after the second close": 1,
-            "next use": prefix("TimeoutError"),
-        },
-        observed={
-            "close": found.block,
-            "task still running after the close": found.running_after_close,
-            "task": found.task,
-            "checked out": found.checked_out_after_task,
-            "idle in transaction": found.idle_in_transaction,
-            "second close": found.second_close,
-            "checked out after the second close": found.checked_out_after_second_close,
-            "next use": found.next_use,
-        },
+        expected=expected,
+        observed=found.observed(expected),
     )
     check_collected(lab, found)
 
@@ -421,28 +426,22 @@ async def gather_fails_inside_the_block(lab: Lab[Sizes]) -> None:
     """Inside the session's `async with`, gather the pg_sleep task with a task that fails
     once the sleep runs on the server; then drop the objects and collect garbage."""
     found = await race_on_its_own_engine(lab, "gather", "gather")
+    expected = {
+        "leaves the block": prefix("InterfaceError"),
+        "its __context__": prefix("RuntimeError"),
+        "task still running after the close": True,
+        "task": "ok",
+        "checked out": 1,
+        "next use": prefix("TimeoutError"),
+    }
     lab.check(
         "gather + async with: the close error replaces the task's error",
         "gather() raises as soon as one task fails (RuntimeError) while the other task's query "
         "still runs, so the block closes the session under it: what leaves the block is the "
         "close's InterfaceError, the RuntimeError survives only as its __context__; the "
         "running task still succeeds and the connection leaks as above.",
-        expected={
-            "leaves the block": prefix("InterfaceError"),
-            "its __context__": prefix("RuntimeError"),
-            "task still running after the close": True,
-            "task": "ok",
-            "checked out": 1,
-            "next use": prefix("TimeoutError"),
-        },
-        observed={
-            "leaves the block": found.block,
-            "its __context__": found.context,
-            "task still running after the close": found.running_after_close,
-            "task": found.task,
-            "checked out": found.checked_out_after_task,
-            "next use": found.next_use,
-        },
+        expected=expected,
+        observed=found.observed(expected),
     )
     check_collected(lab, found)
 

@@ -111,41 +111,16 @@ class Lab(Generic[S]):
     @contextmanager
     def statements(self, engine: AsyncEngine | None = None) -> Iterator[list[str]]:
         """``with lab.statements() as sent:`` collects the SQL each cursor executes."""
-        sync_engine = (engine or self.engine).sync_engine
-        sent: list[str] = []
-
-        def record(
-            conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool
-        ) -> None:
-            sent.append(" ".join(statement.split()))
-
-        event.listen(sync_engine, "before_cursor_execute", record)
-        try:
+        with _recording(engine or self.engine, lambda e: e.statement) as sent:
             yield sent
-        finally:
-            event.remove(sync_engine, "before_cursor_execute", record)
 
     @contextmanager
     def executions(self, engine: AsyncEngine | None = None) -> Iterator[list[Execution]]:
         """Like :meth:`statements`, with each execution's style and parameter-set count:
         ``INSERTMANYVALUES`` (one statement, many rows) vs ``EXECUTEMANY`` (the driver's
         executemany, one parameter set per row) vs ``EXECUTE``."""
-        sync_engine = (engine or self.engine).sync_engine
-        seen: list[Execution] = []
-
-        def record(
-            conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool
-        ) -> None:
-            style = getattr(getattr(context, "execute_style", None), "name", "EXECUTE")
-            sets = len(params) if style == "EXECUTEMANY" else 1
-            verb = statement.lstrip().split(None, 1)[0].upper() if statement.strip() else ""
-            seen.append(Execution(verb, style, sets, " ".join(statement.split())))
-
-        event.listen(sync_engine, "before_cursor_execute", record)
-        try:
+        with _recording(engine or self.engine, lambda e: e) as seen:
             yield seen
-        finally:
-            event.remove(sync_engine, "before_cursor_execute", record)
 
     # ------------------------------------------------------------- the database
 
@@ -238,6 +213,26 @@ class Lab(Generic[S]):
         self._engines.clear()
         if failures:
             raise failures[0]
+
+
+@contextmanager
+def _recording(engine: AsyncEngine, keep: Callable[[Execution], T]) -> Iterator[list[T]]:
+    """``keep(execution)`` of each statement a cursor of ``engine`` executes in the block."""
+    kept: list[T] = []
+
+    def record(
+        conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool
+    ) -> None:
+        style = getattr(getattr(context, "execute_style", None), "name", "EXECUTE")
+        sets = len(params) if style == "EXECUTEMANY" else 1
+        verb = statement.lstrip().split(None, 1)[0].upper() if statement.strip() else ""
+        kept.append(keep(Execution(verb, style, sets, " ".join(statement.split()))))
+
+    event.listen(engine.sync_engine, "before_cursor_execute", record)
+    try:
+        yield kept
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", record)
 
 
 async def delete_tagged(sessions: async_sessionmaker[AsyncSession], tag: str) -> None:

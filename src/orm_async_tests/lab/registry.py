@@ -107,7 +107,7 @@ class Experiment(Generic[S]):
     def make_sizes(self, overrides: Mapping[str, Any] | None = None) -> S:
         """The sizes with ``overrides``; :class:`BadSizes` when they do not fit together
         (a ``Sizes.__post_init__`` raises it) or name no size."""
-        known = {f.name for f in self.sizes}
+        known = {f.name for f in dataclasses.fields(self.sizes_type)}  # type: ignore[arg-type]
         unknown = set(overrides or {}) - known
         if unknown:
             raise BadSizes(f"{self.name} has no size(s) {', '.join(sorted(unknown))}")
@@ -174,7 +174,7 @@ def _describe(exc: BaseException) -> str:
 
 def size_fields(sizes_type: type[Any]) -> list[SizeField]:
     """The sizes of a ``Sizes`` dataclass: each field needs a default, one of the
-    :data:`SIZE_TYPES` and a docstring (the string right after it)."""
+    :data:`SIZE_TYPES`; its docstring is the string right after it."""
     if not dataclasses.is_dataclass(sizes_type):
         raise ExperimentError(f"{sizes_type.__name__} must be a dataclass")
     docs = _field_docs(sizes_type)
