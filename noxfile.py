@@ -1,5 +1,5 @@
 """nox sessions: `nox -s tests` (the default), `lint`, `typecheck`, `migrations`, `report`,
-`bench`.
+`matrix`, `docs`, `bench`.
 
 Each session installs the project into its own virtualenv with Poetry, from
 poetry.lock (`poetry sync`), so nox tests exactly what the lock file pins.
@@ -91,6 +91,50 @@ def report(session: nox.Session) -> None:
     install(session)
     session.run(
         "orm-async-tests", "report", *session.posargs, env={"PYTHONDONTWRITEBYTECODE": None}
+    )
+
+
+SQLALCHEMY_LINES = {"2.0": "sqlalchemy[asyncio]>=2.0,<2.1", "2.1": None}
+"""The SQLAlchemy lines of the matrix: 2.0's newest release, and 2.1 as the lock pins it."""
+
+
+@nox.session
+def matrix(session: nox.Session) -> None:
+    """Every experiment on each cell (asyncpg and psycopg, each SQLAlchemy line, the
+    server: embedded, or DATABASE_URL), then the cells merged into findings/, the README's
+    block and the docs pages. `-- --runs 3` for more runs per cell."""
+    install(session)
+    env = {"PYTHONDONTWRITEBYTECODE": None}
+    if os.environ.get("DATABASE_URL"):  # another server: its schema (DB_SCHEMA) migrated first
+        session.run("alembic", "upgrade", "head")
+    parts = []
+    for line, requirement in sorted(SQLALCHEMY_LINES.items(), key=lambda item: item[1] is None):
+        if requirement is not None:
+            session.run("pip", "install", "--quiet", requirement)
+        else:
+            install(session)  # back to the lock's SQLAlchemy
+        out = os.path.join(session.create_tmp(), f"sa{line.replace('.', '')}")
+        session.run(
+            "orm-async-tests",
+            "report",
+            "--out",
+            out,
+            "--readme",
+            "",
+            *session.posargs,
+            env=env,
+            success_codes=[0, 1],  # a failed check is in the merged findings, and fails below
+        )
+        parts.append(os.path.join(out, "findings.json"))
+    session.run("orm-async-tests", "report", "--merge", *parts, env=env)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The docs site (MkDocs Material) from docs/: `mkdocs build --strict` into site/."""
+    install(session, "docs")
+    session.run(
+        "mkdocs", "build", "--strict", "--site-dir", "site", env={"NO_MKDOCS_2_WARNING": "1"}
     )
 
 

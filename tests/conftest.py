@@ -15,6 +15,7 @@ commits become savepoints).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import tempfile
@@ -27,7 +28,7 @@ from sqlalchemy.pool import NullPool
 
 from orm_async_tests import migrations
 from orm_async_tests.db import Database, Target, open_database, resolve_target
-from orm_async_tests.settings import Settings
+from orm_async_tests.settings import ASYNC_DRIVERS, Settings, with_driver
 
 
 @pytest.fixture(scope="session")
@@ -64,6 +65,25 @@ async def database(settings: Settings, target: Target) -> AsyncIterator[Database
         await db.dispose()  # first: no pooled connection may hold a lock on the schema
         async with open_database(settings, target=target, poolclass=NullPool) as cleanup:
             await migrations.drop_schema(cleanup.engine, settings.schema)
+
+
+@pytest.fixture(scope="session")
+async def databases(
+    database: Database, settings: Settings, target: Target
+) -> AsyncIterator[dict[str, Database]]:
+    """The run's database through each async driver (the migrated schema is shared)."""
+    found = {settings.driver: database}
+    others = [d for d in ASYNC_DRIVERS if d != settings.driver]
+    for driver in others:
+        found[driver] = open_database(
+            dataclasses.replace(settings, driver=driver),
+            target=Target(with_driver(target.url, driver), target.embedded),
+        )
+    try:
+        yield found
+    finally:
+        for driver in others:
+            await found[driver].dispose()
 
 
 @pytest.fixture(scope="session")

@@ -21,15 +21,18 @@ from orm_async_tests.lab.report import format_report
 from orm_async_tests.lab.results import Result
 from orm_async_tests.lab.runner import database_line
 from orm_async_tests.models import Group, Job, User
+from orm_async_tests.settings import ASYNC_DRIVERS
 
 ENTRIES = catalogue()
 FINDINGS = Path(__file__).resolve().parent.parent / "findings" / "findings.json"
 
 
-def assert_findings_are_current(name: str, result: Result) -> None:
+def assert_findings_are_current(name: str, driver: str, result: Result) -> None:
     """The committed findings name the checks this run made, with the same claims: a check
     added, renamed or reworded needs `nox -s report` again (the README publishes them)."""
-    published = {e["name"]: e for e in json.loads(FINDINGS.read_text())["experiments"]}[name]
+    cells = json.loads(FINDINGS.read_text())["cells"]
+    cell = next(c for c in cells if c["key"].startswith(f"{driver}/") and c["experiments"])
+    published = {e["name"]: e for e in cell["experiments"]}[name]
     by_scenario = {s["name"]: s for s in published["scenarios"]}
     for part in result.ran:
         made = [(c.name, c.claim) for c in part.checks]
@@ -37,10 +40,14 @@ def assert_findings_are_current(name: str, result: Result) -> None:
         assert made == found, f"{name} {part.name}: findings/ is out of date: run `nox -s report`"
 
 
+@pytest.mark.parametrize("driver", ASYNC_DRIVERS)
 @pytest.mark.parametrize("number", sorted(ENTRIES), ids=[e.name for e in ENTRIES.values()])
-async def test_experiment_checks_hold_and_it_cleans_up(database: Database, number: int) -> None:
-    """Every check holds, and no row of the run is left behind (so a second run, or the
-    suite run twice in a row as CI does, meets a clean table)."""
+async def test_experiment_checks_hold_and_it_cleans_up(
+    databases: dict[str, Database], number: int, driver: str
+) -> None:
+    """Every check holds on each driver, and no row of the run is left behind (so a second
+    run, or the suite run twice in a row as CI does, meets a clean table)."""
+    database = databases[driver]
     experiment = load(ENTRIES[number].module)
     result = await experiment.run(database)
     line = database_line(database, await database.server_version())
@@ -54,7 +61,8 @@ async def test_experiment_checks_hold_and_it_cleans_up(database: Database, numbe
     if result.skipped is not None:
         pytest.skip(f"{experiment.name}: {result.skipped}")
     assert result.passed, report
-    assert_findings_are_current(experiment.name, result)
-    if result.skipped_scenarios:
-        reasons = "; ".join(f"{s.title}: {s.skipped}" for s in result.skipped_scenarios)
-        pytest.skip(f"{experiment.name}: {result.verdict()} (skipped {reasons})")
+    assert_findings_are_current(experiment.name, driver, result)
+    reasons = [f"{s.title}: {s.skip_reason}" for s in result.skipped_scenarios]
+    reasons += [f"{c.name}: {c.skipped}" for c in result.checks if c.skipped is not None]
+    if reasons:
+        pytest.skip(f"{experiment.name}: {result.verdict()} (skipped {'; '.join(reasons)})")

@@ -37,6 +37,7 @@ from orm_async_tests.lab import (
     where,
 )
 from orm_async_tests.lab.catalogue import catalogue
+from orm_async_tests.lab.cells import Cell, not_here, on, resolve
 from orm_async_tests.lab.checks import agrees, make_check, mismatches, shown
 from orm_async_tests.lab.registry import Experiment, NoSizes, discover
 from orm_async_tests.lab.report import format_report
@@ -452,3 +453,69 @@ def test_figures_show_as_numbers() -> None:
     assert Figure("r", 2.5, "x").shown() == "2.50x"
     assert Figure("n", 1200, "rows").shown() == "1,200 rows"
     assert math.isclose(Figure("f", 0.5, "").value, 0.5)
+
+
+# ------------------------------------------------------------ expectations per cell
+
+ASYNCPG_21, PSYCOPG_20 = Cell("asyncpg", "2.1"), Cell("psycopg", "2.0")
+
+
+def test_on_picks_the_expectation_of_the_cell() -> None:
+    by_driver = on(asyncpg=1, psycopg=2)
+    assert (resolve(by_driver, ASYNCPG_21), resolve(by_driver, PSYCOPG_20)) == (1, 2)
+    nested = {"n": on(asyncpg=on(sa20="old", sa21="new"), psycopg="p")}
+    assert resolve(nested, ASYNCPG_21) == {"n": "new"}
+    assert resolve(nested, Cell("asyncpg", "2.0")) == {"n": "old"}
+    assert resolve(nested, PSYCOPG_20) == {"n": "p"}
+    assert on(asyncpg=1, psycopg=not_here("x")).texts(shown) == {
+        "asyncpg": "1",
+        "psycopg": "SKIPPED: x",
+    }
+    with pytest.raises(ValueError, match="drivers"):
+        on(asyncpg=1, sa21=2)
+    with pytest.raises(ValueError, match="whole check"):
+        resolve({"k": on(asyncpg=1, psycopg=not_here("x"))}, PSYCOPG_20)
+
+
+def test_a_cell_without_a_stated_expectation_fails() -> None:
+    unstated = resolve(on(asyncpg=1), PSYCOPG_20)
+    check = make_check("s", "n", "c", unstated, 1)
+    assert not check.passed
+    assert "no expectation stated for psycopg" in check.expected
+
+
+async def differs(lab: Lab[Any]) -> None:
+    """One check per driver, one meaningless on the other driver."""
+    lab.check(
+        "per driver",
+        "c",
+        expected=on(asyncpg=lab.cell.driver, psycopg="psycopg"),
+        observed=lab.cell.driver,
+    )
+    other = "psycopg" if lab.cell.driver == "asyncpg" else "asyncpg"
+    lab.check("only one", "c", expected=on(**{lab.cell.driver: 1, other: 2}), observed=1)
+    lab.check(
+        "not here", "c", expected=on(**{lab.cell.driver: not_here("why"), other: 1}), observed=1
+    )
+
+
+async def all_not_here(lab: Lab[Any]) -> None:
+    """Every check means nothing here."""
+    lab.check("not here", "c", expected=not_here("never here"), observed=None)
+
+
+async def test_a_check_skipped_on_a_cell_is_neither_passed_nor_failed(
+    database: Database,
+) -> None:
+    result = await stand_in(differs).run(database)
+    assert result.passed
+    skipped = [c for c in result.checks if c.skipped is not None]
+    assert [(c.name, c.verdict, c.skipped) for c in skipped] == [("not here", "SKIP", "why")]
+    assert result.verdict().startswith("PASSED: 2/2 checks hold, 1 skipped on ")
+    assert "SKIPPED here: why" in format_report(result, "db")
+    per_cell = result.checks[0].per_cell
+    assert (sorted(per_cell), per_cell["psycopg"]) == (["asyncpg", "psycopg"], "psycopg")
+    nothing = await stand_in(all_not_here).run(database)
+    assert not nothing.passed
+    assert nothing.skipped == "never here"
+    assert nothing.verdict() == "SKIPPED: never here"

@@ -21,7 +21,15 @@ from collections.abc import Callable, Sequence
 
 from .bench import MAX_CONCURRENCY
 from .lab.catalogue import catalogue
-from .lab.scripts import EXIT_OK, EXIT_SETUP, known_script, reader_may_leave
+from .lab.scripts import (
+    DRIVERS,
+    EXIT_OK,
+    EXIT_SETUP,
+    add_driver_option,
+    known_script,
+    reader_may_leave,
+    use_driver,
+)
 
 WIDTH = 100
 
@@ -37,6 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = commands.add_parser("run", help="run experiments by number, or all of them")
     run.add_argument("numbers", nargs="*", type=int, metavar="N")
     run.add_argument("--all", action="store_true", help="run every experiment")
+    add_driver_option(run)
     report = commands.add_parser(
         "report",
         help="run every experiment (twice) and write findings/ and the README's summary",
@@ -45,6 +54,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "Figures are published as the interval over the runs.",
     )
     report.add_argument("--runs", type=int, default=2, metavar="N", help="(default: 2)")
+    report.add_argument(
+        "--driver",
+        action="append",
+        choices=DRIVERS,
+        help="a driver to run the cells of (repeatable; default: asyncpg and psycopg)",
+    )
+    report.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="run nothing: merge the cells of these findings.json files (one per "
+        "SQLAlchemy line, from `nox -s matrix`) into --out and --readme",
+    )
     report.add_argument("--out", default="findings", metavar="DIR", help="(default: findings)")
     report.add_argument(
         "--readme", default="README.md", metavar="FILE", help="(default: README.md; '' for none)"
@@ -68,7 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="N",
         help=f"tasks sharing the pool, one session each (default: 1 10; 1 to {MAX_CONCURRENCY})",
     )
+    add_driver_option(bench)
     args = parser.parse_args(argv)
+    if args.command in ("run", "bench"):
+        use_driver(args.driver)
     if args.command == "bench":
         if any(not 1 <= n <= MAX_CONCURRENCY for n in args.concurrency):
             parser.error(f"--concurrency levels must be between 1 and {MAX_CONCURRENCY}")
@@ -102,8 +127,20 @@ def _report(args: argparse.Namespace) -> int:
     from .lab.runner import guarded, run_report
 
     readme = Path(args.readme) if args.readme else None
+    if args.merge:
+        from .lab.runner import ReportError, merge_reports
+
+        command = "nox -s matrix"
+        try:
+            return merge_reports([Path(p) for p in args.merge], Path(args.out), readme, command)
+        except ReportError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_SETUP
+    drivers = list(dict.fromkeys(args.driver or DRIVERS))
     command = f"orm-async-tests report --runs {args.runs}"
-    return guarded(lambda target: run_report(args.runs, Path(args.out), readme, command, target))
+    return guarded(
+        lambda target: run_report(args.runs, Path(args.out), readme, command, target, drivers)
+    )
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -27,6 +27,10 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the names below, for type checkers (imported lazily at run time)
+    from .cells import (
+        not_here as not_here,
+        on as on,
+    )
     from .checks import (
         Expect as Expect,
         at_least as at_least,
@@ -65,6 +69,7 @@ if TYPE_CHECKING:  # the names below, for type checkers (imported lazily at run 
     )
 
 _HOMES = {
+    "cells": ("not_here", "on"),
     "checks": (
         "Expect",
         "at_least",

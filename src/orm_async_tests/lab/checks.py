@@ -321,6 +321,16 @@ class Check:
     """The expectation is (or contains) a hand-written :func:`where` rule."""
     parts: list[tuple[str, str, str, bool]] = field(default_factory=list)
     """For a per-key expectation (a dict): (key, expected, observed, agrees) of each key."""
+    skipped: str | None = None
+    """Why the check means nothing on this cell (``not_here``): neither passed nor failed."""
+    per_cell: dict[str, str] = field(default_factory=dict)
+    """When the expectation differs by driver or SQLAlchemy line (``on``): each case's text."""
+
+    @property
+    def verdict(self) -> str:
+        if self.skipped is not None:
+            return "SKIP"
+        return "PASS" if self.passed else "FAIL"
 
 
 def make_check(scenario: str, name: str, claim: str, expected: Any, observed: Any) -> Check:

@@ -9,6 +9,7 @@ runs can repeat and interleave.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -22,7 +23,8 @@ from sqlalchemy.pool import NullPool
 
 from ..db import Database, create_engine, create_session_factory
 from ..models import Group, Job, User
-from .checks import make_check
+from .cells import Cell, NotHere, On, resolve, varies
+from .checks import Check, make_check, shown
 from .env import environment
 from .results import Figure, ScenarioResult
 
@@ -59,6 +61,9 @@ class Lab(Generic[S]):
         self._engines: list[AsyncEngine] = []
         self._stack = AsyncExitStack()
         self._fixtures: dict[Any, tuple[Any, BaseException | None]] = {}
+        self.cell = cell_of(db)
+        """The stack this run observes: ``lab.cell.driver`` (``"asyncpg"``/``"psycopg"``),
+        ``lab.cell.line`` (``"2.0"``/``"2.1"``), ``lab.cell.server``."""
 
     # ------------------------------------------------------------------ the record
 
@@ -76,10 +81,38 @@ class Lab(Generic[S]):
 
     def check(self, name: str, claim: str, *, expected: Any, observed: Any) -> bool:
         """Record one finding: ``observed`` compared with ``expected`` (a value, a
-        comparator of :mod:`.checks`, or a dict/list of those). Returns whether it held."""
-        found = make_check(self.part.name, name, claim, expected, observed)
+        comparator of :mod:`.checks`, or a dict/list of those; ``on(asyncpg=…,
+        psycopg=…)`` where it differs by cell, see :mod:`.cells`). Returns whether it
+        held (``False`` for a check skipped on this cell)."""
+        chosen = resolve(expected, self.cell)
+        per_cell = expected.texts(shown) if isinstance(expected, On) else {}
+        if not per_cell and varies(expected):
+            per_cell = {"(per key)": "the expectation of some keys differs by cell"}
+        if isinstance(chosen, NotHere):
+            self.part.checks.append(
+                Check(
+                    self.part.name,
+                    name,
+                    " ".join(claim.split()),
+                    "—",
+                    "—",
+                    False,
+                    skipped=chosen.reason,
+                    per_cell=per_cell,
+                )
+            )
+            return False
+        found = make_check(self.part.name, name, claim, chosen, observed)
+        if per_cell:
+            found = dataclasses.replace(found, per_cell=per_cell)
         self.part.checks.append(found)
         return found.passed
+
+    def only_on(self, driver: str, reason: str) -> None:
+        """Skip the rest of this scenario unless the run's driver is ``driver``
+        (``reason``: what it observes that only that driver has)."""
+        if self.cell.driver != driver:
+            self.skip(f"{driver} only: {reason}")
 
     def figure(self, label: str, value: float, unit: str = "") -> float:
         """Record a measured figure (a timing, a size, a rate) for the report."""
@@ -213,6 +246,14 @@ class Lab(Generic[S]):
         self._engines.clear()
         if failures:
             raise failures[0]
+
+
+def cell_of(db: Database) -> Cell:
+    """The cell of a database: its driver, the installed SQLAlchemy line, the server kind."""
+    from ..compat import LINE
+
+    server = "embedded" if db.target.embedded is not None else "external"
+    return Cell(db.target.url.get_driver_name(), LINE, server)
 
 
 @contextmanager

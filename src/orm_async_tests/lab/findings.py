@@ -45,9 +45,39 @@ class Versions:
 
 
 def collect(
-    runs: Sequence[Sequence[tuple[int, Result]]], versions: Versions, command: str, date: str
+    cells: Sequence[Mapping[str, Any]], runs: int, command: str, date: str
 ) -> dict[str, Any]:
-    """The JSON document of ``runs`` (each: ``(number, result)`` per experiment, same order)."""
+    """The JSON document of the cells (each from :func:`collect_cell`, or
+    :func:`cannot_run`)."""
+    return {"generated": date, "command": command, "runs": runs, "cells": list(cells)}
+
+
+def cannot_run(key: str, label: str, reason: str) -> dict[str, Any]:
+    """A cell that could not run here (its driver is not installed, say): shown as such."""
+    return {"key": key, "label": label, "cannot_run": reason, "versions": {}, "experiments": []}
+
+
+def merge(documents: Sequence[Mapping[str, Any]], command: str, date: str) -> dict[str, Any]:
+    """One document of the cells of several (``nox -s matrix``: one per SQLAlchemy line);
+    a cell found twice keeps its last run."""
+    cells: dict[str, Mapping[str, Any]] = {}
+    for doc in documents:
+        for cell in doc["cells"]:
+            cells[cell["key"]] = cell
+    runs = max(doc["runs"] for doc in documents)
+    return collect(sorted(cells.values(), key=_cell_order), runs, command, date)
+
+
+def _cell_order(cell: Mapping[str, Any]) -> tuple[str, ...]:
+    driver, line, server = [*cell["key"].split("/"), "", "", ""][:3]
+    return (server, "0" if driver == "asyncpg" else driver, line)
+
+
+def collect_cell(
+    key: str, label: str, runs: Sequence[Sequence[tuple[int, Result]]], versions: Versions
+) -> dict[str, Any]:
+    """One cell's document: ``runs`` (each: ``(number, result)`` per experiment, same
+    order) on one driver, SQLAlchemy line and server."""
     first = runs[0]
     experiments = []
     for position, (number, result) in enumerate(first):
@@ -65,8 +95,8 @@ def collect(
             }
         )
     return {
-        "generated": date,
-        "command": command,
+        "key": key,
+        "label": label,
         "runs": len(runs),
         "versions": vars(versions),
         "experiments": experiments,
@@ -91,11 +121,15 @@ def _scenarios(results: Sequence[Result]) -> list[dict[str, Any]]:
                         "expected": [None] * len(parts),
                         "observed": [None] * len(parts),
                         "passed": [None] * len(parts),
+                        "skipped": None,
+                        "per_cell": c.per_cell,
                     },
                 )
                 entry["expected"][run] = c.expected
                 entry["observed"][run] = c.observed
-                entry["passed"][run] = c.passed
+                entry["passed"][run] = None if c.skipped is not None else c.passed
+                if c.skipped is not None:
+                    entry["skipped"] = c.skipped
         figures: dict[tuple[str, int], dict[str, Any]] = {}
         for run, p in enumerate(parts):
             seen = {}
@@ -141,8 +175,10 @@ def _observed(values: Sequence[str | None] | str) -> str:
     return " ‖ ".join(distinct) if distinct else "—"
 
 
-def _verdict(passed: Sequence[bool | None]) -> str:
-    if all(p is True for p in passed):
+def _verdict(passed: Sequence[bool | None], skipped: str | None = None) -> str:
+    if skipped is not None:
+        return f"SKIPPED: {skipped}"
+    if passed and all(p is True for p in passed):
         return "✓"
     if any(p is False for p in passed):
         return f"✗ ({sum(p is False for p in passed)} of {len(passed)} runs)"
@@ -154,119 +190,281 @@ def _cell(text: str) -> str:
 
 
 def held(experiment: Mapping[str, Any]) -> tuple[int, int]:
-    """(checks that held in every run, checks) of one experiment."""
-    checks = [c for s in experiment["scenarios"] for c in s["checks"]]
+    """(checks that held in every run, checks that mean something on the cell)."""
+    checks = [c for s in experiment["scenarios"] for c in s["checks"] if not c.get("skipped")]
     return sum(all(p is True for p in c["passed"]) for c in checks), len(checks)
 
 
-def header(data: Mapping[str, Any]) -> str:
-    v = data["versions"]
+def ran_cells(data: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    return [c for c in data["cells"] if not c.get("cannot_run")]
+
+
+def versions_line(cell: Mapping[str, Any]) -> str:
+    v = cell["versions"]
     return (
-        f"{data['generated']} · `{data['command']}` · {data['runs']} runs · "
         f"PostgreSQL {v['postgresql']} ({v['server']}) · SQLAlchemy {v['sqlalchemy']} · "
         f"{v['driver']} · Python {v['python']} · PgBouncer: {v['pgbouncer']}"
     )
 
 
+def header(data: Mapping[str, Any]) -> str:
+    cells = ", ".join(c["label"] for c in ran_cells(data))
+    return f"{data['generated']} · `{data['command']}` · {data['runs']} runs per cell · {cells}"
+
+
+Row = tuple[str, str, Mapping[str, Any]]
+"""(experiment name, scenario name, the scenario of one cell)."""
+
+
+def _by_check(data: Mapping[str, Any]) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """Every check of every cell, keyed by (experiment, scenario, position):
+    ``{"check": first cell's record, "cells": {cell key: record or None}}``; a scenario
+    that did not run on a cell (skipped, error) has ``None`` there."""
+    found: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for cell in ran_cells(data):
+        for exp in cell["experiments"]:
+            for scenario in exp["scenarios"]:
+                for i, check in enumerate(scenario["checks"]):
+                    entry = found.setdefault(
+                        (exp["name"], scenario["name"], i), {"check": check, "cells": {}}
+                    )
+                    entry["cells"][cell["key"]] = check
+    return found
+
+
+def _scenario_of(cell: Mapping[str, Any], name: str, scenario: str) -> Mapping[str, Any] | None:
+    for exp in cell["experiments"]:
+        if exp["name"] == name:
+            for part in exp["scenarios"]:
+                if part["name"] == scenario:
+                    found: Mapping[str, Any] = part
+                    return found
+    return None
+
+
+def _shown_in(cell: Mapping[str, Any], name: str, scenario: str, check: Any) -> str:
+    """What a cell says for one check: ``observed ✓``, or why it has nothing."""
+    if check is None:
+        part = _scenario_of(cell, name, scenario)
+        if part is not None and any(part["skipped"]):
+            return f"SKIPPED: {_cell(next(s for s in part['skipped'] if s))}"
+        if part is not None and any(part["errors"]):
+            return f"ERROR: {_cell(next(e for e in part['errors'] if e))}"
+        return "—"
+    if check.get("skipped"):
+        return f"SKIPPED: {_cell(check['skipped'])}"
+    return f"{_cell(_observed(check['observed']))} {_verdict(check['passed'])}"
+
+
+def differences(data: Mapping[str, Any]) -> list[tuple[str, str, str, dict[str, str]]]:
+    """(experiment, scenario, check, {cell label: expected → observed verdict}) of every
+    check whose verdict or observed value is not the same on every cell."""
+    cells = ran_cells(data)
+    found = []
+    for (name, scenario, _), entry in _by_check(data).items():
+        shown = {
+            c["label"]: _shown_in(c, name, scenario, entry["cells"].get(c["key"])) for c in cells
+        }
+        if len(set(shown.values())) > 1:
+            expected = {
+                c["label"]: _observed(entry["cells"][c["key"]]["expected"])
+                for c in cells
+                if entry["cells"].get(c["key"]) is not None
+            }
+            both = {
+                label: (f"expected {_cell(expected[label])} → " if label in expected else "") + text
+                for label, text in shown.items()
+            }
+            found.append((name, scenario, entry["check"]["name"], both))
+    return found
+
+
 def render_markdown(data: Mapping[str, Any]) -> str:
-    """``findings.md``: every experiment, scenario by scenario, check by check."""
+    """``findings.md``: the cells, what differs between them, then every experiment,
+    scenario by scenario, one row per check with a column per cell."""
+    cells = ran_cells(data)
     out = [
         "# Findings",
         "",
         f"Generated from `findings.json`: {header(data)}.",
         "",
-        "Each check states a claim, the value expected and the value observed; the verdict "
-        "is the harness's comparison, in every run (✓: held in all of them). Observed values "
-        "that differ between runs are separated by ‖. Figures are measurements, never "
-        "pass/fail tests: each is the interval over the runs.",
+        "Each check states a claim, the value expected and the value observed on each cell "
+        "(driver · SQLAlchemy line · server); the verdict is the harness's comparison, in "
+        "every run (✓: held in all of them). Observed values that differ between runs are "
+        "separated by ‖. Figures are measurements, never pass/fail tests: each is the "
+        "interval over the runs.",
+        "",
+        "## Cells",
+        "",
+        "| cell | versions | checks held |",
+        "|---|---|---|",
+    ]
+    for cell in data["cells"]:
+        if cell.get("cannot_run"):
+            out.append(f"| {cell['label']} | cannot run: {_cell(cell['cannot_run'])} | — |")
+            continue
+        counts = [held(e) for e in cell["experiments"]]
+        ok, total = sum(t[0] for t in counts), sum(t[1] for t in counts)
+        out.append(f"| {cell['label']} | {versions_line(cell)} | {ok}/{total} |")
+    out += ["", "## What differs", ""]
+    found = differences(data)
+    if not found:
+        out += ["Every check has the same verdict and observed value on every cell.", ""]
+    else:
+        labels = [c["label"] for c in cells]
+        out += [
+            "| experiment | check | " + " | ".join(labels) + " |",
+            "|---|---|" + "---|" * len(labels),
+        ]
+        for name, _, check, per in found:
+            out.append(
+                f"| {name} | {_cell(check)} | " + " | ".join(per[label] for label in labels) + " |"
+            )
+        out.append("")
+    if not cells:
+        return "\n".join(out).rstrip() + "\n"
+    for exp in cells[0]["experiments"]:
+        out += experiment_markdown(data, exp["name"])
+    return "\n".join(out).rstrip() + "\n"
+
+
+def experiment_markdown(data: Mapping[str, Any], name: str, level: int = 2) -> list[str]:
+    """One experiment's section (heading at ``level``): its scenarios, one row per check
+    with a column per cell, the claims, the figures per cell and the notes."""
+    cells = ran_cells(data)
+    first = cells[0]
+    by_check = _by_check(data)
+    exp = next(e for e in first["experiments"] if e["name"] == name)
+    h = "#" * level
+    out: list[str] = []
+    totals: list[str] = []
+    for cell in cells:
+        mine = next(e for e in cell["experiments"] if e["name"] == exp["name"])
+        ok, total = held(mine)
+        totals.append(f"{cell['label']}: {ok}/{total}")
+    out += [f"{h} {exp['name']} — {exp['title']}", "", f"*{exp['question']}*", ""]
+    sizes = " ".join(f"`{k}={v}`" for k, v in exp["sizes"].items())
+    seconds = interval("", "s", exp["seconds"])
+    out += [
+        "checks held: "
+        + " · ".join(totals)
+        + f" · {seconds} per run on {first['label']}"
+        + (f" · {sizes}" if sizes else ""),
         "",
     ]
-    for exp in data["experiments"]:
-        ok, total = held(exp)
-        out += [f"## {exp['name']} — {exp['title']}", "", f"*{exp['question']}*", ""]
-        sizes = " ".join(f"`{k}={v}`" for k, v in exp["sizes"].items())
-        seconds = interval("", "s", exp["seconds"])
-        out += [
-            f"{ok}/{total} checks hold · {seconds} per run" + (f" · {sizes}" if sizes else ""),
-            "",
+    for n, scenario in enumerate(exp["scenarios"], 1):
+        out += [f"{h}# {exp['name']}.{n} {scenario['title']}", "", _cell(scenario["doc"]), ""]
+        rows = [
+            entry
+            for (name, part, _), entry in by_check.items()
+            if name == exp["name"] and part == scenario["name"]
         ]
-        for n, scenario in enumerate(exp["scenarios"], 1):
-            out += [f"### {exp['name']}.{n} {scenario['title']}", "", _cell(scenario["doc"]), ""]
-            skipped = [s for s in scenario["skipped"] if s]
-            if skipped:
-                runs = [str(i) for i, s in enumerate(scenario["skipped"], 1) if s]
-                where = "" if len(runs) == len(scenario["skipped"]) else f" (run {', '.join(runs)})"
-                out += [f"SKIPPED{where}: {_cell(skipped[0])}", ""]
-                if not scenario["checks"] and not any(scenario["errors"]):
-                    continue
-            errors = [e for e in scenario["errors"] if e]
-            if errors:
-                out += [f"ERROR: {errors[0]}", ""]
-            if scenario["checks"]:
-                out += ["| check | expected | observed | verdict |", "|---|---|---|---|"]
-                for c in scenario["checks"]:
-                    out.append(
-                        f"| {_cell(c['name'])} | {_cell(_observed(c['expected']))} | "
-                        f"{_cell(_observed(c['observed']))} | {_verdict(c['passed'])} |"
+        skipped = [s for s in scenario["skipped"] if s]
+        if skipped and not rows:
+            out += [f"SKIPPED on {first['label']}: {_cell(skipped[0])}", ""]
+        errors = [e for e in scenario["errors"] if e]
+        if errors:
+            out += [f"ERROR on {first['label']}: {errors[0]}", ""]
+        if rows:
+            labels = [c["label"] for c in cells]
+            out += [
+                "| check | expected | " + " | ".join(labels) + " |",
+                "|---|---|" + "---|" * len(labels),
+            ]
+            for entry in rows:
+                expected = list(
+                    dict.fromkeys(
+                        _observed(r["expected"])
+                        for r in entry["cells"].values()
+                        if not r.get("skipped")
                     )
-                out.append("")
-                for c in scenario["checks"]:
-                    out.append(f"- **{_cell(c['name'])}**: {_cell(c['claim'])}")
-                out.append("")
-            if scenario["figures"]:
-                out += ["| figure | measured |", "|---|---|"]
-                for f in scenario["figures"]:
-                    out.append(
-                        f"| {_cell(f['label'])} | {interval(f['label'], f['unit'], f['values'])} |"
-                    )
-                out.append("")
-            for note in scenario["notes"]:
-                out.append(f"> {_cell(note)}")
-                out.append("")
-    return "\n".join(out).rstrip() + "\n"
+                )
+                shown = [
+                    _shown_in(c, exp["name"], scenario["name"], entry["cells"].get(c["key"]))
+                    for c in cells
+                ]
+                out.append(
+                    f"| {_cell(entry['check']['name'])} | {_cell(' ‖ '.join(expected))} | "
+                    + " | ".join(shown)
+                    + " |"
+                )
+            out.append("")
+            for entry in rows:
+                check = entry["check"]
+                out.append(f"- **{_cell(check['name'])}**: {_cell(check['claim'])}")
+                if check.get("per_cell"):
+                    cases = "; ".join(f"{k}: {v}" for k, v in check["per_cell"].items())
+                    out.append(f"  Expected per cell: {_cell(cases)}.")
+            out.append("")
+        if scenario["figures"]:
+            out += ["| figure | " + " | ".join(c["label"] for c in cells) + " |"]
+            out += ["|---|" + "---|" * len(cells)]
+            for i, f in enumerate(scenario["figures"]):
+                values = []
+                for cell in cells:
+                    part = _scenario_of(cell, exp["name"], scenario["name"])
+                    figs = part["figures"] if part is not None else []
+                    same = figs[i] if i < len(figs) and figs[i]["label"] == f["label"] else None
+                    values.append(interval(f["label"], f["unit"], same["values"]) if same else "—")
+                out.append(f"| {_cell(f['label'])} | " + " | ".join(values) + " |")
+            out.append("")
+        for note in scenario["notes"]:
+            out.append(f"> {_cell(note)}")
+            out.append("")
+    return out
 
 
 def surprises(data: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     """(experiment, check, claim) of every claim that says the library departs from its
     docs or an issue thread ("Observed, not ...", "Contrary to ...")."""
-    found = []
-    for exp in data["experiments"]:
-        for scenario in exp["scenarios"]:
-            for c in scenario["checks"]:
-                if SURPRISE.search(c["claim"]):
-                    found.append((exp["name"], c["name"], c["claim"]))
-    return found
+    out = []
+    for (exp, _, _), entry in _by_check(data).items():
+        c = entry["check"]
+        if SURPRISE.search(c["claim"]):
+            out.append((exp, c["name"], c["claim"]))
+    return out
 
 
 def readme_block(data: Mapping[str, Any], findings_link: str) -> str:
-    """The README's experiments section: one row per experiment, then the surprises."""
+    """The README's experiments section: one row per experiment with the checks held on
+    each cell, then the surprises."""
+    cells = ran_cells(data)
+    labels = [c["label"] for c in cells]
     rows = [
         README_BEGIN,
         "",
         f"From `{findings_link}` ({header(data)}).",
         "",
-        "| experiment | the question | scenarios | checks |",
-        "|---|---|---|---|",
+        "| experiment | the question | scenarios | " + " | ".join(labels) + " |",
+        "|---|---|---|" + "---|" * len(labels),
     ]
-    for exp in data["experiments"]:
-        ok, total = held(exp)
-        skipped = [s for sc in exp["scenarios"] for s in sc["skipped"] if s]
-        counted = f"{ok}/{total} hold"
-        partly = sum(any(sc["skipped"]) for sc in exp["scenarios"])
-        if not total:
-            counted = f"skipped: {_cell(skipped[0])}" if skipped else "no check"
-        elif partly:
-            counted += f" ({partly} skipped)"
-        anchor = re.sub(r"[^\w\- ]", "", f"{exp['name']} — {exp['title']}".lower())
-        anchor = anchor.replace(" ", "-")
+    for exp in cells[0]["experiments"] if cells else []:
+        counts = []
+        for cell in cells:
+            mine = next(e for e in cell["experiments"] if e["name"] == exp["name"])
+            ok, total = held(mine)
+            partly = sum(any(sc["skipped"]) for sc in mine["scenarios"])
+            partly += sum(bool(c.get("skipped")) for sc in mine["scenarios"] for c in sc["checks"])
+            if not total:
+                skipped = [s for sc in mine["scenarios"] for s in sc["skipped"] if s]
+                counts.append(f"skipped: {_cell(skipped[0])}" if skipped else "no check")
+            else:
+                counts.append(f"{ok}/{total} hold" + (f" ({partly} skipped)" if partly else ""))
         rows.append(
-            f"| [`{exp['name']}`]({findings_link}#{anchor}) {_cell(exp['title'])} | "
-            f"{_cell(exp['question'])} | {len(exp['scenarios'])} | {counted} |"
+            f"| [`{exp['name']}`](docs/experiments/{exp['name']}.md) {_cell(exp['title'])} | "
+            f"{_cell(exp['question'])} | {len(exp['scenarios'])} | " + " | ".join(counts) + " |"
         )
     found = surprises(data)
     if found:
         rows += ["", "Where the library does not do what its docs or issue threads say:", ""]
         rows += [f"- **{name}, {_cell(check)}**: {_cell(claim)}" for name, check, claim in found]
+    differ = differences(data)
+    if differ:
+        rows += [
+            "",
+            f"{len(differ)} checks differ between cells: see "
+            f"[what differs]({findings_link}#what-differs).",
+        ]
     rows += ["", README_END]
     return "\n".join(rows)
 
@@ -286,7 +484,10 @@ def write(data: Mapping[str, Any], out: Path, readme: Path | None) -> list[Path]
     written[0].write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
     written[1].write_text(render_markdown(data))
     if readme is not None:
+        from .site import write_pages
+
         link = Path(os.path.relpath(written[1], readme.parent)).as_posix()
         readme.write_text(replace_block(readme.read_text(), readme_block(data, link)))
         written.append(readme)
+        written += write_pages(data, readme.parent / "docs")
     return written

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from ..compat import driver_exception, error_text
 from ..errors import first_line as first_line, sqlstate as sqlstate
 
 
@@ -18,7 +19,7 @@ def describe(exc: BaseException) -> str:
     SQLAlchemy's wrapper prefix (``(sqlalchemy.dialects.postgresql.asyncpg.InterfaceError)``)
     is left out: the type name is already there.
     """
-    return f"{type(exc).__name__}: {_WRAPPED.sub('', first_line(exc))}"
+    return f"{type(exc).__name__}: {error_text(_WRAPPED.sub('', first_line(exc)))}"
 
 
 _WRAPPED = re.compile(r"^\([\w.]+\) ")
@@ -28,10 +29,8 @@ def driver_error(exc: BaseException) -> BaseException:
     """The driver's own exception behind SQLAlchemy's ``DBAPIError`` (asyncpg's
     ``QueryCanceledError``, say): ``exc.orig``, and what that adapter wraps; ``exc`` itself
     when it wraps nothing."""
-    orig = getattr(exc, "orig", None)
-    if not isinstance(orig, BaseException):
-        return exc
-    return orig.__cause__ if orig.__cause__ is not None else orig
+    found = driver_exception(exc)
+    return exc if found is None else found
 
 
 async def outcome(awaitable: Awaitable[Any]) -> str:

@@ -133,6 +133,7 @@ class Experiment(Generic[S]):
         values = self.make_sizes(sizes)
         lab = Lab(db, self.number, values)
         result = Result(self.name, self.title, self.question, sizes_of(values))
+        result.cell = lab.cell.label()
         started = time.perf_counter()
         try:
             for scenario in chosen:

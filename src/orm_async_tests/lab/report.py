@@ -52,7 +52,10 @@ def _scenario(index: int, part: ScenarioResult, before: int, *, with_traceback: 
         out.append("")
         rows: list[list[str]] = []
         for n, c in enumerate(part.checks, 1):
-            verdict = "PASS" if c.passed else "FAIL"
+            verdict = c.verdict
+            if c.skipped is not None:
+                rows.append([str(before + n), c.name, "—", "—", verdict])
+                continue
             if not c.parts:
                 rows.append([str(before + n), c.name, c.expected, c.observed, verdict])
                 continue
@@ -63,6 +66,11 @@ def _scenario(index: int, part: ScenarioResult, before: int, *, with_traceback: 
         out.append("")
         for n, c in enumerate(part.checks, 1):
             out.append(_hanging(f"{before + n}. ", c.claim + _flags(c)))
+            if c.skipped is not None:
+                out.append(_hanging("   SKIPPED here: ", c.skipped))
+            elif c.per_cell:
+                cases = "; ".join(f"{k}: {v}" for k, v in c.per_cell.items())
+                out.append(_hanging("   expected per cell: ", cases))
             if not c.parts:
                 for difference in c.differences:
                     out.append(_hanging("   ✗ ", difference))

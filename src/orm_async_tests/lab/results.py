@@ -52,7 +52,21 @@ class ScenarioResult:
 
     @property
     def failed(self) -> list[Check]:
-        return [c for c in self.checks if not c.passed]
+        return [c for c in self.checks if not c.passed and c.skipped is None]
+
+    @property
+    def counted(self) -> list[Check]:
+        """The checks that mean something on this cell (not skipped by ``not_here``)."""
+        return [c for c in self.checks if c.skipped is None]
+
+    @property
+    def skip_reason(self) -> str | None:
+        """Why the scenario was skipped (``lab.skip``), or why each of its checks was."""
+        if self.skipped is not None:
+            return self.skipped
+        if self.checks and not self.counted:
+            return "; ".join(dict.fromkeys(c.skipped or "" for c in self.checks))
+        return None
 
     @property
     def status(self) -> str:
@@ -63,6 +77,8 @@ class ScenarioResult:
         if self.failed:
             return "FAILED"
         if self.skipped is not None:
+            return "SKIPPED"
+        if self.checks and not self.counted:
             return "SKIPPED"
         return "PASSED" if self.checks else "NO CHECK"
 
@@ -79,6 +95,8 @@ class Result:
     error: str | None = None
     """What the cleanup after the scenarios raised, if it raised."""
     traceback: str | None = field(default=None, repr=False)
+    cell: str = ""
+    """The cell's label (``asyncpg · SA 2.1 · embedded``)."""
 
     @property
     def checks(self) -> list[Check]:
@@ -90,22 +108,28 @@ class Result:
 
     @property
     def failed(self) -> list[Check]:
-        return [c for c in self.checks if not c.passed]
+        return [c for c in self.checks if not c.passed and c.skipped is None]
+
+    @property
+    def counted(self) -> list[Check]:
+        return [c for c in self.checks if c.skipped is None]
 
     @property
     def ran(self) -> list[ScenarioResult]:
-        return [s for s in self.scenarios if s.skipped is None]
+        """The scenarios that ran here: not skipped, and not made only of checks that
+        mean nothing on this cell."""
+        return [s for s in self.scenarios if s.status != "SKIPPED"]
 
     @property
     def skipped_scenarios(self) -> list[ScenarioResult]:
-        return [s for s in self.scenarios if s.skipped is not None]
+        return [s for s in self.scenarios if s.status == "SKIPPED"]
 
     @property
     def skipped(self) -> str | None:
         """Why, when no scenario ran at all (the experiment cannot run here) and nothing
         was checked or went wrong on the way: only then is a skip the whole verdict."""
-        if self.scenarios and not self.ran and not self.checks and not self.errors:
-            return "; ".join(dict.fromkeys(s.skipped or "" for s in self.scenarios))
+        if self.scenarios and not self.ran and not self.counted and not self.errors:
+            return "; ".join(dict.fromkeys(s.skip_reason or "" for s in self.scenarios))
         return None
 
     @property
@@ -130,7 +154,11 @@ class Result:
     def verdict(self) -> str:
         if self.skipped is not None:
             return f"SKIPPED: {self.skipped}"
-        held = f"{len(self.checks) - len(self.failed)}/{len(self.checks)} checks hold"
+        counted = self.counted
+        held = f"{len(counted) - len(self.failed)}/{len(counted)} checks hold"
+        not_here = len(self.checks) - len(counted)
+        if not_here:
+            held += f", {not_here} skipped on {self.cell or 'this cell'}"
         if self.errors:
             return f"ERROR: {self.errors[0]} (after {held})"
         if self.empty:
@@ -140,5 +168,5 @@ class Result:
             return f"FAILED: {held}"
         if not self.ran:
             return "FAILED: no scenario ran"
-        skipped = "".join(f"; skipped {s.title!r}: {s.skipped}" for s in self.skipped_scenarios)
+        skipped = "".join(f"; skipped {s.title!r}: {s.skip_reason}" for s in self.skipped_scenarios)
         return f"PASSED: {held}{skipped}"

@@ -10,6 +10,7 @@ an unreachable server, an unmigrated schema) becomes one line and exit status
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import platform
 import sys
@@ -82,12 +83,14 @@ def guarded(main: Callable[[list[Target]], Coroutine[Any, Any, int]]) -> int:
 
 @asynccontextmanager
 async def ready_database(
-    target_out: list[Target] | None,
+    target_out: list[Target] | None, *, driver: str | None = None
 ) -> AsyncIterator[tuple[Database, str]]:
     """The project's database from the environment, made ready (the embedded default
     migrated to head; another server checked), and the line that names it and the
     versions; ``target_out`` gets the target first, so a setup error can name it."""
     settings = Settings.from_env()
+    if driver is not None:
+        settings = dataclasses.replace(settings, driver=driver)
     target = resolve_target(settings)
     if target_out is not None:
         target_out.append(target)
@@ -119,49 +122,104 @@ async def run_plan(plan: Sequence[Planned], target_out: list[Target] | None = No
 
 
 async def run_report(
-    runs: int, out: Path, readme: Path | None, command: str, target_out: list[Target]
+    runs: int,
+    out: Path,
+    readme: Path | None,
+    command: str,
+    target_out: list[Target],
+    drivers: Sequence[str],
 ) -> int:
-    """Every experiment ``runs`` times on one database; findings.json, findings.md and the
-    README's block (see :mod:`.findings`). Exit status 1 if any check failed in any run."""
-    from .findings import Versions, collect, write
+    """Every experiment ``runs`` times on each cell it can reach: each of ``drivers`` with
+    the installed SQLAlchemy on the one server; findings.json, findings.md and the README's
+    block (see :mod:`.findings`). A driver that is not installed is a cell that cannot
+    run. Exit status 1 if any check failed in any run."""
+    from importlib.util import find_spec
+
+    from ..compat import LINE
+    from .cells import Cell
+    from .findings import Versions, cannot_run, collect, collect_cell
 
     if readme is not None:
         check_readme(readme)
     plan = [Planned(entry.module) for entry in catalogue().values()]
     experiments = [load(planned.module) for planned in plan]
-    async with ready_database(target_out) as (db, where):
-        server = await db.server_version()
-        done: list[list[tuple[int, Result]]] = []
-        for run in range(1, runs + 1):
-            results = []
-            for experiment in experiments:
-                result = await experiment.run(db)
-                results.append((experiment.number, result))
-                print(f"run {run}/{runs} {experiment.name}: {result.verdict()}", flush=True)
-                if not result.ok:
-                    print(format_report(result, where, with_traceback=True), flush=True)
-            done.append(results)
-    target, settings = db.target, db.settings
-    driver = target.url.get_driver_name()
-    versions = Versions(
-        python=platform.python_version(),
-        sqlalchemy=version("sqlalchemy"),
-        driver=f"{driver} {version(driver)}",
-        postgresql=server,
-        server="embedded" if target.embedded is not None else "DATABASE_URL",
-        pgbouncer="not configured"
-        if settings.pgbouncer_url is None
-        else redacted(settings.pgbouncer_url),
-    )
-    data = collect(done, versions, command, date.today().isoformat())
+    cells: list[dict[str, Any]] = []
+    failed = False
+    for driver in drivers:
+        if find_spec(driver) is None:
+            server = "external" if os.environ.get("DATABASE_URL") else "embedded"
+            cell = Cell(driver, LINE, server)
+            cells.append(cannot_run(cell.key, cell.label(), f"{driver} is not installed"))
+            print(f"{cell.label()}: cannot run ({driver} is not installed)", flush=True)
+            continue
+        async with ready_database(target_out, driver=driver) as (db, where):
+            server_version = await db.server_version()
+            cell = Cell(driver, LINE, "embedded" if db.target.embedded else "external")
+            done: list[list[tuple[int, Result]]] = []
+            for run in range(1, runs + 1):
+                results = []
+                for experiment in experiments:
+                    result = await experiment.run(db)
+                    results.append((experiment.number, result))
+                    print(
+                        f"{cell.label()} run {run}/{runs} {experiment.name}: {result.verdict()}",
+                        flush=True,
+                    )
+                    if not result.ok:
+                        failed = True
+                        print(format_report(result, where, with_traceback=True), flush=True)
+                done.append(results)
+        settings = db.settings
+        versions = Versions(
+            python=platform.python_version(),
+            sqlalchemy=version("sqlalchemy"),
+            driver=f"{driver} {version(driver)}",
+            postgresql=server_version,
+            server=cell.server,
+            pgbouncer="not configured"
+            if settings.pgbouncer_url is None
+            else redacted(settings.pgbouncer_url),
+        )
+        cells.append(collect_cell(cell.key, cell.label(), done, versions))
+    data = collect(cells, runs, command, date.today().isoformat())
+    write_findings(data, out, readme)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def merge_reports(sources: Sequence[Path], out: Path, readme: Path | None, command: str) -> int:
+    """Merge the findings.json of several reports (one per SQLAlchemy line) into ``out``."""
+    import json
+
+    from .findings import merge
+
+    if readme is not None:
+        check_readme(readme)
+    try:
+        documents = [json.loads(path.read_text()) for path in sources]
+    except (OSError, ValueError) as exc:
+        raise ReportError(f"cannot read the findings to merge: {exc}") from None
+    data = merge(documents, command, date.today().isoformat())
+    write_findings(data, out, readme)
+    failed = [
+        f"{cell['label']} {exp['name']}"
+        for cell in data["cells"]
+        for exp in cell["experiments"]
+        if not all(v.startswith(("PASSED", "SKIPPED")) for v in exp["verdicts"])
+    ]
+    for where in failed:
+        print(f"not passed: {where}")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def write_findings(data: dict[str, Any], out: Path, readme: Path | None) -> None:
+    from .findings import write
+
     try:
         written = write(data, out, readme)
     except OSError as exc:
         raise ReportError(f"cannot write the findings into {out}: {exc}") from None
     for path in written:
         print(f"wrote {path}")
-    failed = any(not r.ok for results in done for _, r in results)
-    return EXIT_FAILED if failed else EXIT_OK
 
 
 def check_readme(readme: Path) -> None:

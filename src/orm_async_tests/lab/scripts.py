@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
@@ -50,6 +51,33 @@ def reader_may_leave(command: Callable[P, int]) -> Callable[P, int]:
     return guarded
 
 
+DRIVERS = ("asyncpg", "psycopg")
+
+
+def add_driver_option(parser: argparse.ArgumentParser) -> None:
+    """``--driver asyncpg|psycopg``: see :func:`use_driver`."""
+    parser.add_argument(
+        "--driver",
+        choices=DRIVERS,
+        help="the async driver (default: the one DATABASE_URL names, else DB_DRIVER, else asyncpg)",
+    )
+
+
+def use_driver(driver: str | None) -> None:
+    """Make ``driver`` this process's driver: ``DB_DRIVER``, and the scheme of a
+    ``DATABASE_URL`` that names an async driver of its own (the command line wins over
+    both; child processes inherit it)."""
+    if driver is None:
+        return
+    os.environ["DB_DRIVER"] = driver
+    url = os.environ.get("DATABASE_URL", "")
+    os.environ["DATABASE_URL"] = re.sub(
+        rf"^(postgres(?:ql)?)\+(?:{'|'.join(DRIVERS)})://", rf"\1+{driver}://", url.strip()
+    )
+    if not url:
+        del os.environ["DATABASE_URL"]
+
+
 def script_parser(entry: Entry) -> argparse.ArgumentParser:
     """``testN``'s options: one per size, and ``--only`` to run some scenarios."""
     scenarios = "\n".join(
@@ -65,7 +93,8 @@ def script_parser(entry: Entry) -> argparse.ArgumentParser:
         prog=entry.name,
         description=textwrap.fill(f"{entry.title}. {entry.question}", 96),
         epilog=f"scenarios, in order:\n{scenarios}\n\n"
-        "Database: DATABASE_URL, or the embedded PostgreSQL when unset.",
+        "Database: DATABASE_URL, or the embedded PostgreSQL when unset; driver: --driver, "
+        "the one DATABASE_URL names, DB_DRIVER, or asyncpg.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     for size in entry.sizes:
@@ -95,6 +124,7 @@ def script_parser(entry: Entry) -> argparse.ArgumentParser:
         metavar="SCENARIO",
         help="run only this scenario (repeatable); the names are listed below",
     )
+    add_driver_option(parser)
     return parser
 
 
@@ -107,6 +137,7 @@ def run_script(number: int, argv: Sequence[str] | None = None) -> int:
         return EXIT_SETUP
     args = vars(script_parser(found).parse_args(argv))
     only = args.pop("only")
+    use_driver(args.pop("driver"))
     from .runner import Planned, run_guarded
 
     return run_guarded([Planned(found.module, args, only)])
