@@ -8,9 +8,11 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from orm_async_tests.db import Database
 from orm_async_tests.lab.catalogue import catalogue
+from orm_async_tests.lab.scripts import use_driver
 
 from .commands import SCRIPTS, run_command
 
@@ -110,6 +112,46 @@ async def test_script_prints_a_findings_table(database: Database) -> None:
     assert "verdict" in ran.out
     assert "PASSED:" in ran.out
     assert "users=40" in ran.out
+
+
+async def test_driver_option_runs_on_psycopg(database: Database) -> None:
+    """`--driver psycopg` wins over the URL's scheme and DB_DRIVER; the report names it."""
+    env: dict[str, str | None] = {"DB_DRIVER": "asyncpg"}
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        env["DATABASE_URL"] = url.replace("postgresql://", "postgresql+asyncpg://", 1)
+    ran = await asyncio.to_thread(
+        run_command,
+        "test1",
+        "--driver",
+        "psycopg",
+        "--only",
+        "one_session_per_task",
+        "--users",
+        "40",
+        "--batch",
+        "10",
+        env=env,
+    )
+    assert ran.code == 0, ran.text
+    database = " ".join(ran.out.split("Database:")[1].split("Sizes:")[0].split())
+    assert "· psycopg 3." in database
+    assert "asyncpg" not in database
+
+
+def test_use_driver_rewrites_only_an_async_driver_of_the_url(monkeypatch: Any) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql+asyncpg://u:secret@h/db")
+    use_driver("psycopg")
+    assert (os.environ["DATABASE_URL"], os.environ["DB_DRIVER"]) == (
+        "postgresql+psycopg://u:secret@h/db",
+        "psycopg",
+    )
+    monkeypatch.setenv("DATABASE_URL", "postgresql+psycopg2://h/db")
+    use_driver("asyncpg")
+    assert os.environ["DATABASE_URL"] == "postgresql+psycopg2://h/db"  # refused later, by name
+    monkeypatch.delenv("DATABASE_URL")
+    use_driver("asyncpg")
+    assert "DATABASE_URL" not in os.environ
 
 
 async def test_a_fresh_embedded_default_is_started_and_migrated_once() -> None:
