@@ -90,9 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="N",
         help=f"tasks sharing the pool, one session each (default: 1 10; 1 to {MAX_CONCURRENCY})",
     )
-    add_driver_option(bench)
     args = parser.parse_args(argv)
-    if args.command in ("run", "bench"):
+    if args.command == "run":
         use_driver(args.driver)
     if args.command == "bench":
         if any(not 1 <= n <= MAX_CONCURRENCY for n in args.concurrency):
