@@ -134,9 +134,9 @@ async def test_driver_option_runs_on_psycopg(database: Database) -> None:
         env=env,
     )
     assert ran.code == 0, ran.text
-    database = " ".join(ran.out.split("Database:")[1].split("Sizes:")[0].split())
-    assert "· psycopg 3." in database
-    assert "asyncpg" not in database
+    shown = " ".join(ran.out.split("Database:")[1].split("Sizes:")[0].split())
+    assert "· psycopg 3." in shown
+    assert "asyncpg" not in shown
 
 
 def test_use_driver_rewrites_only_an_async_driver_of_the_url(monkeypatch: Any) -> None:

@@ -61,7 +61,9 @@ async def run_async_migrations(settings: Settings, target: Target) -> None:
         section,
         prefix="sqlalchemy.",
         poolclass=pool.NullPool,
-        connect_args=connect_args(settings, application_name="alembic"),
+        connect_args=connect_args(
+            settings, application_name="alembic", driver=target.url.get_driver_name()
+        ),
     )
     try:
         if settings.schema:

@@ -89,9 +89,11 @@ def connect_args(
     *,
     application_name: str | None = None,
     server_settings: Mapping[str, str] | None = None,
+    driver: str | None = None,
 ) -> dict[str, Any]:
     """Driver-specific connect arguments for timeout, search_path, application_name
-    (``settings.application_name`` unless given) and other server settings.
+    (``settings.application_name`` unless given) and other server settings, for
+    ``driver`` (the URL's; ``settings.driver`` unless given).
 
     ``server_settings`` (``{"lock_timeout": "5s"}``) become session defaults of every
     connection at startup (asyncpg ``server_settings``, psycopg ``options=-c``), so a
@@ -101,7 +103,7 @@ def connect_args(
     parameters["application_name"] = application_name or settings.application_name
     if settings.schema:
         parameters["search_path"] = settings.schema
-    if settings.driver == "psycopg":
+    if (driver or settings.driver) == "psycopg":
         args: dict[str, Any] = {
             "connect_timeout": max(1, round(settings.connect_timeout)),
             "application_name": parameters.pop("application_name"),
@@ -130,7 +132,10 @@ def create_engine(
     keep the rest.
     """
     args = connect_args(
-        settings, application_name=application_name, server_settings=server_settings
+        settings,
+        application_name=application_name,
+        server_settings=server_settings,
+        driver=target.url.get_driver_name(),
     )
     options: dict[str, Any] = {
         "echo": settings.echo,

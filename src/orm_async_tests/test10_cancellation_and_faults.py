@@ -31,7 +31,11 @@ asyncio exceptions), #8145/#8419 (cancelled tasks: connections terminated instea
 of leaked), #10717 (``command_timeout`` left the query running on the server
 until terminate() became a graceful close) and #11821 (``CancelledError``
 during terminate); asyncpg issues #1310 and #1356 (the cancel path can raise or
-wait after the server is gone); PostgreSQL docs, ``statement_timeout`` (client
+wait after the server is gone); psycopg 3 source, ``AsyncConnection.wait``
+(an asyncio cancellation of a running query makes psycopg send a cancel request
+with ``cancel_safe`` and wait, up to 5 s, for the query to end before re-raising;
+issues #1371, #1435) and docs, "Connection classes" (``info.backend_pid``,
+``info.transaction_status``); PostgreSQL docs, ``statement_timeout`` (client
 connection defaults; SQLSTATE 57014 ``query_canceled``), ``SET LOCAL`` (lasts
 until the end of the transaction) and ``pg_terminate_backend(pid, timeout)``
 (server signaling functions).
@@ -54,13 +58,13 @@ from .lab import (
     BadSizes,
     Lab,
     at_least,
-    contains,
     describe,
     driver_error,
     experiment,
     first_line,
     matches,
     not_,
+    on,
     one_of,
     outcome,
     prefix,
@@ -255,7 +259,9 @@ async def asyncio_timeout_in_a_session(lab: Lab[Sizes]) -> None:
     lab.check(
         "asyncio.timeout: the server-side query is gone",
         f"After the TimeoutError no backend of the app is still running pg_sleep (polled "
-        f"up to {BOUND:.0f} s): cancelling the Python task does stop the query on the server.",
+        f"up to {BOUND:.0f} s): cancelling the Python task does stop the query on the server, "
+        "on both drivers (each sends a CancelRequest, see the next scenario; SQLAlchemy "
+        "closes the connection as well).",
         expected={"backends in pg_sleep": 0},
         observed={"backends in pg_sleep": remaining},
     )
@@ -305,40 +311,123 @@ async def asyncio_timeout_in_a_session(lab: Lab[Sizes]) -> None:
     )
 
 
+async def state_change(engine: AsyncEngine, pid: int) -> float | None:
+    """When (epoch seconds, the server's clock) backend ``pid`` last changed state — for a
+    backend no longer running its query, when that query ended — or ``None`` if it is gone.
+    The server runs on this host (embedded, or 127.0.0.1), so it shares ``time.time()``'s
+    clock."""
+    async with engine.connect() as conn:
+        found = await conn.scalar(
+            text("SELECT extract(epoch FROM state_change) FROM pg_stat_activity WHERE pid = :pid"),
+            {"pid": pid},
+        )
+    return None if found is None else float(found)
+
+
+@dataclass
+class Bare:
+    """The driver's own connection below SQLAlchemy (``driver_connection``): asyncpg's
+    ``Connection`` or psycopg's ``AsyncConnection``, each through its own API."""
+
+    driver: str
+    conn: Any
+
+    def pid(self) -> int:
+        """The backend's PID as the driver knows it (no query)."""
+        if self.driver == "asyncpg":
+            return int(self.conn.get_server_pid())
+        return int(self.conn.info.backend_pid)
+
+    async def sleep(self, seconds: float) -> None:
+        if self.driver == "asyncpg":
+            await self.conn.fetchval("SELECT pg_sleep($1)", seconds)
+        else:
+            await self.conn.execute("SELECT pg_sleep(%s)", [seconds])
+
+    def transaction(self) -> str:
+        """The driver's transaction status: psycopg's ``info.transaction_status`` name;
+        asyncpg tells only whether it is in a transaction (INTRANS) or not (IDLE)."""
+        if self.driver == "asyncpg":
+            return "INTRANS" if self.conn.is_in_transaction() else "IDLE"
+        return str(self.conn.info.transaction_status.name)
+
+    async def rollback(self) -> None:
+        """End psycopg's implicit transaction (asyncpg outside a transaction has none)."""
+        if self.driver != "asyncpg":
+            await self.conn.rollback()
+
+    async def query_pid(self) -> int:
+        if self.driver == "asyncpg":
+            return int(await self.conn.fetchval("SELECT pg_backend_pid()"))
+        row = await (await self.conn.execute("SELECT pg_backend_pid()")).fetchone()
+        return int(row[0])
+
+    def closed(self) -> bool:
+        if self.driver == "asyncpg":
+            return bool(self.conn.is_closed())
+        return bool(self.conn.closed)
+
+
 @run.scenario
-async def asyncio_timeout_in_asyncpg_alone(lab: Lab[Sizes]) -> None:
-    """The same cancellation on the bare asyncpg connection, below SQLAlchemy (an
-    unpooled engine, its driver connection used directly)."""
+async def asyncio_timeout_in_the_driver_alone(lab: Lab[Sizes]) -> None:
+    """The same cancellation on the bare driver connection, below SQLAlchemy (an unpooled
+    engine, its driver connection used directly: asyncpg's Connection, or psycopg's
+    AsyncConnection on psycopg)."""
     size = lab.sizes
     app = lab.name("raw")
     engine = lab.unpooled(application_name=app)
     async with engine.connect() as conn:
         raw = await conn.get_raw_connection()
-        driver: Any = raw.driver_connection
-        pid = int(driver.get_server_pid())
+        bare = Bare(lab.cell.driver, raw.driver_connection)
+        pid = bare.pid()
         sampler = probes.sleepers_sampler(lab.engine, app, every=0.01, within=BOUND)
+        started = time.perf_counter()
+        raised_at: float | None = None
         try:
             async with asyncio.timeout(size.cancel_after):
-                await driver.fetchval("SELECT pg_sleep($1)", size.long_sleep)
+                await bare.sleep(size.long_sleep)
             raised = "no error"
         except TimeoutError as err:
+            raised_at = time.time()  # before any await: nothing else has run since
             raised = describe(err).rstrip(": ")
         finally:
             sleeping = await sampler.stop()
+        lab.figure("driver alone: TimeoutError after", time.perf_counter() - started, "s")
+        status = bare.transaction()
         gone = await probes.wait_sleepers(lab.engine, app, lambda n: n == 0, within=BOUND)
         remaining, seconds = gone.value, gone.seconds
+        ended_at = await state_change(lab.engine, pid)  # before the next statement moves it
+        order = "unknown"
+        if raised_at is not None and ended_at is not None:
+            order = "before" if ended_at < raised_at else "after"
+            lab.figure(
+                "driver alone: query ended minus TimeoutError", 1000 * (ended_at - raised_at), "ms"
+            )
         async with asyncio.timeout(BOUND):
-            pid_after = int(await driver.fetchval("SELECT pg_backend_pid()"))
-        closed = bool(driver.is_closed())
-    lab.figure("asyncpg alone: pg_sleep gone after", seconds, "s")
+            await bare.rollback()
+            pid_after = await bare.query_pid()
+        closed = bare.closed()
+    lab.figure("driver alone: pg_sleep gone after", seconds, "s")
     lab.check(
-        "asyncpg alone: a cancelled query is cancelled, the connection kept",
-        "Below SQLAlchemy, asyncpg answers the task cancellation with a PostgreSQL "
-        "CancelRequest: the query stops on the server, while the connection stays open and "
-        "usable on the same backend. Closing the connection is SQLAlchemy's decision.",
+        "driver alone: a cancelled query is cancelled, the connection kept",
+        "Below SQLAlchemy, both drivers answer the task cancellation with a PostgreSQL "
+        "CancelRequest: the query stops on the server while the connection stays open and "
+        "usable on the same backend — closing it is SQLAlchemy's decision. They differ in "
+        "when: asyncpg lets the CancelledError (TimeoutError) through at once and sends the "
+        "CancelRequest in the background (its next query waits for it), so the query is "
+        "still running when the caller gets the TimeoutError; psycopg's AsyncConnection "
+        "catches the CancelledError, sends the CancelRequest (cancel_safe) and waits for "
+        "the server's 57014 before re-raising, so the query is already gone. And psycopg "
+        "ran the query in its implicit transaction (autocommit off, as SQLAlchemy leaves "
+        "it), which the cancel leaves aborted (INERROR) until a rollback; asyncpg has no "
+        "transaction open.",
         expected={
             "raised": "TimeoutError",
             "most backends seen in pg_sleep before": at_least(1),
+            "the query ended on the server, relative to the TimeoutError": on(
+                asyncpg="after", psycopg="before"
+            ),
+            "transaction status after": on(asyncpg="IDLE", psycopg="INERROR"),
             "backends in pg_sleep": 0,
             "connection closed": False,
             "backend after": pid,
@@ -346,6 +435,8 @@ async def asyncio_timeout_in_asyncpg_alone(lab: Lab[Sizes]) -> None:
         observed={
             "raised": raised,
             "most backends seen in pg_sleep before": probes.peak(sleeping),
+            "the query ended on the server, relative to the TimeoutError": order,
+            "transaction status after": status,
             "backends in pg_sleep": remaining,
             "connection closed": closed,
             "backend after": pid_after,
@@ -357,6 +448,12 @@ async def asyncio_timeout_in_asyncpg_alone(lab: Lab[Sizes]) -> None:
 async def asyncpg_command_timeout(lab: Lab[Sizes]) -> None:
     """asyncpg's own command_timeout (a connect argument, cancel_after seconds) on a
     one-connection engine, around a long pg_sleep in an ORM transaction."""
+    lab.only_on(
+        "asyncpg",
+        "command_timeout is an asyncpg connect argument (psycopg refuses it as an invalid "
+        "connection option and has no client-side per-statement timeout of its own: "
+        "statement_timeout, below, is the server-side one both drivers share)",
+    )
     size = lab.sizes
     book = await lab.use(ledger)
     app = lab.name("cmdtimeout")
@@ -455,15 +552,23 @@ async def statement_timeout_for_an_engine(lab: Lab[Sizes]) -> None:
 
     lab.check(
         "statement_timeout (server_settings): the server cancels the statement",
-        "statement_timeout given in asyncpg's server_settings is the session default of every "
-        "connection of the engine; a longer statement fails with SQLSTATE 57014 "
-        "'canceling statement due to statement timeout', which SQLAlchemy wraps as a plain "
-        "DBAPIError around asyncpg's QueryCanceledError.",
+        "statement_timeout given at connection startup (asyncpg's server_settings, psycopg's "
+        "options=-c) is the session default of every connection of the engine; a longer "
+        "statement fails with SQLSTATE 57014 'canceling statement due to statement timeout'. "
+        "The wrapper differs by driver: on asyncpg SQLAlchemy raises a plain DBAPIError "
+        "around QueryCanceledError (its asyncpg adapter maps PostgresError to the generic "
+        "DBAPI Error); on psycopg an OperationalError around errors.QueryCanceled, which "
+        "psycopg itself makes a subclass of OperationalError, as the DBAPI classes it.",
         expected={
             "SHOW statement_timeout": timeout,
             "SQLSTATE": "57014",
-            "error": matches(
-                r"^DBAPIError ← asyncpg QueryCanceledError \[57014\]: .*statement timeout"
+            "error": on(
+                asyncpg=matches(
+                    r"^DBAPIError ← asyncpg QueryCanceledError \[57014\]: .*statement timeout"
+                ),
+                psycopg=matches(
+                    r"^OperationalError ← psycopg QueryCanceled \[57014\]: .*statement timeout"
+                ),
             ),
         },
         observed={
@@ -476,11 +581,16 @@ async def statement_timeout_for_an_engine(lab: Lab[Sizes]) -> None:
         "statement_timeout: the connection stays usable",
         "A server-side timeout is an ordinary SQL error, not a disconnect: the connection is "
         "not invalidated, the rest of the transaction is refused (25P02 'current transaction "
-        "is aborted') until rollback, after which the same backend carries on.",
+        "is aborted') until rollback, after which the same backend carries on. Only the "
+        "wrapping differs: asyncpg's InFailedSQLTransactionError comes as a plain DBAPIError, "
+        "psycopg's InFailedSqlTransaction as an InternalError (its DBAPI class).",
         expected={
             "connection_invalidated": False,
             "pool invalidate events": [],
-            "next statement": contains("InFailedSQLTransactionError [25P02]"),
+            "next statement": on(
+                asyncpg=prefix("DBAPIError ← asyncpg InFailedSQLTransactionError [25P02]"),
+                psycopg=prefix("InternalError ← psycopg InFailedSqlTransaction [25P02]"),
+            ),
             "backend after rollback": pid,
             "checked out": 0,
         },
@@ -629,13 +739,22 @@ async def terminate_pooled_without_pre_ping(lab: Lab[Sizes]) -> None:
         "The pool hands out a dead connection: the first request fails with a disconnect "
         "error (connection_invalidated=True). That one error invalidates the connection and "
         "every pooled one older than it (one pool invalidate event for both), so the "
-        "following requests work on new backends.",
+        "following requests work on new backends. The error differs by driver: asyncpg "
+        "reads its socket even while idle, so it has already seen the server close it and "
+        "refuses to send anything (InterfaceError 'connection is closed'); psycopg reads "
+        "only when it runs a statement, so it sends one and then reads what the server "
+        "wrote before closing: the FATAL 57P01 'terminating connection due to administrator "
+        "command', raised as errors.AdminShutdown (an OperationalError), which leaves the "
+        "connection broken, the test SQLAlchemy's psycopg dialect uses for a disconnect.",
         expected={
-            "1st request": prefix("InterfaceError"),
+            "1st request": on(
+                asyncpg=prefix("InterfaceError ← asyncpg InterfaceError: connection is closed"),
+                psycopg=prefix("OperationalError ← psycopg AdminShutdown [57P01]: terminating"),
+            ),
             "1st: connection_invalidated": True,
             "then": ["ok", "ok"],
             "killed backends that served them": [],
-            "pool invalidate events": ["InterfaceError"],
+            "pool invalidate events": on(asyncpg=["InterfaceError"], psycopg=["AdminShutdown"]),
             "checked out": 0,
         },
         observed={
@@ -701,10 +820,18 @@ async def killed_mid_transaction(lab: Lab[Sizes]) -> None:
         "killed mid-transaction: pre-ping cannot help, the commit fails",
         "Pre-ping (on here) only tests a connection at checkout: when the backend of a "
         "checked-out connection is killed between flush and commit, the commit fails with a "
-        "disconnect error; the pool then serves the next request.",
+        "disconnect error; the pool then serves the next request. As without pre-ping, "
+        "asyncpg has already noticed the closed socket (InterfaceError: the underlying "
+        "connection is closed) while psycopg sends the COMMIT and gets the server's FATAL "
+        "57P01 (OperationalError around errors.AdminShutdown).",
         expected={
             "backend killed": True,
-            "commit": prefix("InterfaceError"),
+            "commit": on(
+                asyncpg=matches(
+                    r"^InterfaceError ← asyncpg InterfaceError: .*connection is closed"
+                ),
+                psycopg=prefix("OperationalError ← psycopg AdminShutdown [57P01]: terminating"),
+            ),
             "connection_invalidated": True,
             "next request": "ok",
             "checked out": 0,

@@ -331,7 +331,9 @@ async def unknown_enum_label(lab: Lab[Sizes]) -> None:
         expected={
             "statements sent": 0,
             "SQLSTATE": None,
-            "outcome": matches(r"^StatementError: .*is not among the defined enum values"),
+            "outcome": matches(
+                r"^StatementError\(LookupError\): .*is not among the defined enum values"
+            ),
         },
         observed=checked.observed(),
     )

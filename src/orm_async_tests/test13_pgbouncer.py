@@ -1,5 +1,5 @@
-"""Which asyncpg/SQLAlchemy settings survive PgBouncer's transaction pooling, and what
-error do the defaults give?
+"""Which asyncpg, psycopg and SQLAlchemy settings survive PgBouncer's transaction
+pooling, and what error do the defaults give?
 
 In transaction pooling, PgBouncer hands each *transaction* of a client
 connection to whichever server connection is free. asyncpg (and SQLAlchemy's
@@ -7,8 +7,10 @@ asyncpg dialect on top of it) prepares every statement under a name
 (``__asyncpg_stmt_N__``) and caches it per client connection, expecting to find
 it on "its" server connection in the next transaction. PgBouncer before 1.21
 does not track protocol-level prepared statements, so names go missing or
-collide. This experiment drives a concurrent load through PgBouncer with each
-configuration and counts the errors.
+collide. psycopg 3 prepares too, later: a query executed ``prepare_threshold``
+times (5 by default) on one connection is prepared as ``_pg3_N``, a name numbered per
+client connection. This experiment drives a concurrent load through PgBouncer with each
+configuration of the run's driver and counts the errors.
 
 It needs ``PGBOUNCER_URL`` (a PgBouncer in transaction mode in front of a
 PostgreSQL; ``.ci/start-pgbouncer`` starts Debian's on 127.0.0.1:6432, and
@@ -18,7 +20,9 @@ scenario reports SKIPPED with the reason, never passed.
 Sources: SQLAlchemy asyncpg dialect docs, "Prepared Statement Cache" and
 "Prepared Statement Name with PGBouncer" (``prepared_statement_name_func`` with
 ``NullPool``); asyncpg FAQ "Why am I getting prepared statement errors?"
-(``statement_cache_size=0``) and issue MagicStack/asyncpg#837; PgBouncer docs,
+(``statement_cache_size=0``) and issue MagicStack/asyncpg#837; psycopg docs,
+"Prepared statements" (``prepare_threshold``, ``None`` to disable, and the note on
+PgBouncer in transaction mode); PgBouncer docs,
 "Feature matrix for pooling modes" and ``max_prepared_statements`` (1.21+).
 """
 
@@ -51,7 +55,7 @@ from .lab import (
     more_than,
     not_,
 )
-from .settings import Settings
+from .settings import Settings, with_driver
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +79,7 @@ class Sizes:
             )
 
 
-run = experiment(13, "asyncpg behind PgBouncer (transaction pooling)", Sizes)
+run = experiment(13, "asyncpg and psycopg behind PgBouncer (transaction pooling)", Sizes)
 
 PLUS_ONE = select(bindparam("x", type_=Integer) + literal_column("1"))
 NEGATE = select(bindparam("x", type_=Integer) * literal_column("-1"))
@@ -94,6 +98,8 @@ class Config:
     asyncpg_cache: int | None = None  # statement_cache_size (asyncpg.connect)
     name_func: Callable[[], str] | None = None  # prepared_statement_name_func (asyncpg)
     poolclass: type[Pool] | None = None
+    driver: str = "asyncpg"
+    never_prepare: bool = False  # prepare_threshold=None (psycopg.connect)
 
 
 DEFAULT = Config("defaults (pooled, both statement caches on)")
@@ -106,7 +112,14 @@ DOCS_RECIPE = Config(
 NAME_FUNC_ONLY = Config("prepared_statement_name_func alone (pooled)", name_func=unique_name)
 NULLPOOL_ONLY = Config("NullPool alone", poolclass=NullPool)
 ASYNCPG_CACHE_OFF = Config("statement_cache_size=0 alone", asyncpg_cache=0)
+PSYCOPG_DEFAULT = Config("psycopg defaults (pooled, prepare_threshold=5)", driver="psycopg")
+PSYCOPG_NEVER_PREPARE = Config(
+    "psycopg prepare_threshold=None (pooled)", driver="psycopg", never_prepare=True
+)
 CONFIGS = (DEFAULT, BOTH_CACHES_OFF, DOCS_RECIPE, NAME_FUNC_ONLY, NULLPOOL_ONLY, ASYNCPG_CACHE_OFF)
+SAFE = {"asyncpg": BOTH_CACHES_OFF, "psycopg": PSYCOPG_NEVER_PREPARE}
+"""A configuration that works through PgBouncer, per driver (the reachability probe)."""
+ASYNCPG_ONLY = "the configurations are asyncpg's statement caches and names"
 
 
 def bouncer_engine(
@@ -115,7 +128,10 @@ def bouncer_engine(
     """An engine on PgBouncer's URL (another server than the lab's: built here, in this
     process or in a child) configured as ``config`` says."""
     settings = dataclasses.replace(settings, schema=None)  # no search_path startup option
+    url = with_driver(url, config.driver)
     args: dict[str, Any] = {}
+    if config.never_prepare:
+        args["prepare_threshold"] = None
     if config.asyncpg_cache is not None:
         args["statement_cache_size"] = config.asyncpg_cache
     if config.name_func is not None:
@@ -253,7 +269,7 @@ async def bouncer(lab: Lab[Sizes]) -> AsyncIterator[Bouncer]:
             "(.ci/start-pgbouncer or `docker compose up -d pgbouncer` starts one)"
         )
     dialled = url.port or 5432  # asyncpg's default port, as for any PostgreSQL URL
-    probe = bouncer_engine(lab.db.settings, url, BOTH_CACHES_OFF, 1, lab.tag)
+    probe = bouncer_engine(lab.db.settings, url, SAFE[lab.cell.driver], 1, lab.tag)
     try:
         port = await asyncio.wait_for(server_port(probe), 15)
     except Exception as exc:  # configured but not answering: an error, not a skip
@@ -311,6 +327,7 @@ NO_ERRORS = {"failed": 0, "errors (distinct)": []}
 async def name_func_alone(lab: Lab[Sizes]) -> None:
     """The clients on a pooled engine with prepared_statement_name_func (uuid names) and
     both statement caches on, starting on fresh server connections."""
+    lab.only_on("asyncpg", ASYNCPG_ONLY)
     errors = await drive_config(lab, NAME_FUNC_ONLY, fresh=True)
     lab.check(
         "prepared_statement_name_func alone is not enough",
@@ -326,6 +343,7 @@ async def name_func_alone(lab: Lab[Sizes]) -> None:
 async def defaults(lab: Lab[Sizes]) -> None:
     """The clients on a pooled engine with the defaults, starting on fresh server
     connections (what they prepare stays there for the next scenarios)."""
+    lab.only_on("asyncpg", ASYNCPG_ONLY)
     errors = await drive_config(lab, DEFAULT, fresh=True)
     lab.check(
         "defaults fail through transaction pooling",
@@ -343,6 +361,7 @@ async def both_caches_off(lab: Lab[Sizes]) -> None:
     """The clients on a pooled engine with statement_cache_size=0 and
     prepared_statement_cache_size=0, on the server connections the defaults left their
     statements on; which server backend ran each transaction of each client connection."""
+    lab.only_on("asyncpg", ASYNCPG_ONLY)
     found = await lab.use(bouncer)
     if DEFAULT.label not in found.since_reconnect:  # run alone (--only): leave them there
         await drive_config(lab, DEFAULT, fresh=False)
@@ -385,6 +404,7 @@ async def docs_recipe(lab: Lab[Sizes]) -> None:
     """The clients with SQLAlchemy's documented recipe (NullPool +
     prepared_statement_name_func), on the same leftover server connections; then with
     asyncpg's statement_cache_size=0 alone (a note: observed, not a recommendation)."""
+    lab.only_on("asyncpg", ASYNCPG_ONLY)
     errors = await drive_config(lab, DOCS_RECIPE, fresh=False)
     lab.check(
         f"works: {DOCS_RECIPE.label}",
@@ -413,6 +433,7 @@ async def nullpool_alone_in_two_processes(lab: Lab[Sizes]) -> None:
     """Fresh server connections, then NullPool alone in one child process and, after it
     ended, in a second one (an application restarted, or a second worker): asyncpg numbers
     statement names per process, from 1."""
+    lab.only_on("asyncpg", ASYNCPG_ONLY)
     found = await lab.use(bouncer)
     size = lab.sizes
     refused = await fresh_servers(found.url)
@@ -452,4 +473,30 @@ async def nullpool_alone_in_two_processes(lab: Lab[Sizes]) -> None:
         "(seen while developing this experiment: 'wrong result: 4000 gave 4001 and 4001'); "
         f"in this run, over every configuration driven: {wrong}. With different signatures "
         "the mix-up shows as 'bind message supplies N parameters'."
+    )
+
+
+@run.scenario
+async def psycopg_prepare_threshold(lab: Lab[Sizes]) -> None:
+    """The clients on a pooled psycopg engine with psycopg's defaults, on fresh server
+    connections; then with prepare_threshold=None."""
+    lab.only_on("psycopg", "prepare_threshold is psycopg's")
+    errors = await drive_config(lab, PSYCOPG_DEFAULT, fresh=True)
+    lab.check(
+        "psycopg's defaults fail through transaction pooling",
+        "After a query ran prepare_threshold (5) times on a client connection, psycopg "
+        "prepares it as _pg3_N there and executes it by that name from then on; the next "
+        'transaction runs on another server connection: \'prepared statement "_pg3_N" '
+        "does not exist' (or 'already exists', names being numbered per client "
+        "connection). Some transactions fail, each with a prepared statement error.",
+        expected=PREPARED_ERRORS,
+        observed=failures(errors),
+    )
+    never = await drive_config(lab, PSYCOPG_NEVER_PREPARE, fresh=False)
+    lab.check(
+        f"works: {PSYCOPG_NEVER_PREPARE.label}",
+        "With prepare_threshold=None psycopg never prepares: every transaction succeeds, "
+        "pooled, even on the server connections the defaults left their statements on.",
+        expected=NO_ERRORS,
+        observed=failures(never),
     )

@@ -27,6 +27,7 @@ from .lab import (
     at_least,
     describe,
     experiment,
+    on,
     one_transaction,
     outcome,
     prefix,
@@ -256,11 +257,19 @@ async def one_session_shared_by_two_tasks(lab: Lab[Sizes]) -> None:
         "one session shared by two tasks fails",
         "Sharing one AsyncSession between concurrent tasks is not serialised silently: "
         "a task gets an error, which one depends on whether the session already holds a "
-        "connection (SQLAlchemy's own guard, or asyncpg's).",
+        "connection and on the driver. A fresh session: SQLAlchemy's own guard. A session "
+        "holding a connection: asyncpg refuses the second task's operation while one is in "
+        "progress (InterfaceError); psycopg's AsyncConnection queues it behind a lock instead, "
+        "so the driver lets both through and SQLAlchemy's session state machine catches the "
+        "overlap (IllegalStateChangeError: commit() already in progress).",
         expected={
             "fresh session": prefix("InvalidRequestError"),
-            "session holding a connection (pre-ping on)": prefix("InterfaceError"),
-            "session holding a connection (pre-ping off)": prefix("InterfaceError"),
+            "session holding a connection (pre-ping on)": on(
+                asyncpg=prefix("InterfaceError"), psycopg=prefix("IllegalStateChangeError")
+            ),
+            "session holding a connection (pre-ping off)": on(
+                asyncpg=prefix("InterfaceError"), psycopg=prefix("IllegalStateChangeError")
+            ),
         },
         observed={
             "fresh session": fresh.error,
@@ -270,20 +279,30 @@ async def one_session_shared_by_two_tasks(lab: Lab[Sizes]) -> None:
     )
     broken = prefix("InterfaceError: cannot use Connection.transaction()")
     lab.check(
-        "the misuse breaks the pooled connection; only pre-ping replaces it",
-        "Observed, not in the docs: after the failure in a session that held a connection, "
-        "that connection goes back to the pool broken (asyncpg still believes a transaction "
-        "is open). With pool_pre_ping (this project's default) the next checkout's ping "
-        "fails on it with that InterfaceError, which SQLAlchemy does not take for a "
-        "disconnect: the error reaches the next session, and the pool invalidates the "
-        "connection, so the session after works. Without pre-ping nothing replaces it: "
-        "every later session on that pool fails.",
-        expected={
-            "pre-ping on: the next three sessions": [broken, "ok", "ok"],
-            "pre-ping on: connections invalidated": 1,
-            "pre-ping off: the next three sessions": [broken, broken, broken],
-            "pre-ping off: connections invalidated": 0,
-        },
+        "with asyncpg the misuse breaks the pooled connection; only pre-ping replaces it",
+        "Observed, not in the docs: on asyncpg, after the failure in a session that held a "
+        "connection, that connection goes back to the pool broken (asyncpg still believes a "
+        "transaction is open). With pool_pre_ping (this project's default) the next "
+        "checkout's ping fails on it with that InterfaceError, which SQLAlchemy does not take "
+        "for a disconnect: the error reaches the next session, and the pool invalidates the "
+        "connection, so the session after works. Without pre-ping nothing replaces it: every "
+        "later session on that pool fails. On psycopg the connection is returned clean (its "
+        "lock serialised the two tasks' statements, the reset rolls back) and every later "
+        "session works, with or without pre-ping.",
+        expected=on(
+            asyncpg={
+                "pre-ping on: the next three sessions": [broken, "ok", "ok"],
+                "pre-ping on: connections invalidated": 1,
+                "pre-ping off: the next three sessions": [broken, broken, broken],
+                "pre-ping off: connections invalidated": 0,
+            },
+            psycopg={
+                "pre-ping on: the next three sessions": ["ok", "ok", "ok"],
+                "pre-ping on: connections invalidated": 0,
+                "pre-ping off: the next three sessions": ["ok", "ok", "ok"],
+                "pre-ping off: connections invalidated": 0,
+            },
+        ),
         observed={
             "pre-ping on: the next three sessions": pinged.next_uses,
             "pre-ping on: connections invalidated": len(pinged.invalidated),

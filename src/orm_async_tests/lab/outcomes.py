@@ -7,6 +7,7 @@ from collections.abc import Awaitable
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from ..compat import driver_exception, error_text
@@ -17,9 +18,14 @@ def describe(exc: BaseException) -> str:
     """``"TypeName: first line of the message"``: how experiments report an error.
 
     SQLAlchemy's wrapper prefix (``(sqlalchemy.dialects.postgresql.asyncpg.InterfaceError)``)
-    is left out: the type name is already there.
+    is left out: the type name is already there. A ``StatementError`` that wraps no
+    driver error names what it wraps: ``"StatementError(MissingGreenlet): ..."``.
     """
-    return f"{type(exc).__name__}: {error_text(_WRAPPED.sub('', first_line(exc)))}"
+    name = type(exc).__name__
+    orig = getattr(exc, "orig", None)
+    if isinstance(exc, StatementError) and not isinstance(exc, DBAPIError) and orig is not None:
+        name = f"{name}({type(orig).__name__})"
+    return f"{name}: {error_text(_WRAPPED.sub('', first_line(exc)))}"
 
 
 _WRAPPED = re.compile(r"^\([\w.]+\) ")
