@@ -519,3 +519,16 @@ async def test_a_check_skipped_on_a_cell_is_neither_passed_nor_failed(
     assert not nothing.passed
     assert nothing.skipped == "never here"
     assert nothing.verdict() == "SKIPPED: never here"
+
+
+def test_progress_prints_each_step_with_or_without_a_bar(capsys: Any) -> None:
+    from orm_async_tests.lab.progress import Progress
+
+    for live in (False, True):
+        with Progress(3, live=live) as progress:
+            progress.start("cell run 1/1 test1")
+            progress.done("cell run 1/1 test1: PASSED")
+            progress.done("other cell: cannot run", steps=2)
+        out = capsys.readouterr().out
+        assert "test1: PASSED" in out, live
+        assert "other cell: cannot run" in out, live

@@ -38,7 +38,13 @@ Sources:
   each cursor execute runs under a per-connection ``asyncio.Lock``
   (``_execute_mutex``); ``rollback()``/``commit()`` do not take it. That is why
   concurrent reads on a session that holds a connection queue up, while a
-  close (rollback) during a running query fails.
+  close (rollback) during a running query fails in asyncpg itself.
+- The psycopg dialect source (``sqlalchemy/dialects/postgresql/psycopg.py``,
+  "override to not use mutex, psycopg3 already has mutex") and psycopg's
+  ``AsyncConnection``: every ``execute()``, ``commit()`` and ``rollback()`` runs
+  under the connection's own ``self.lock``. So with psycopg the reads queue up
+  too, and a close during a running query waits for the query, then rolls back
+  and returns the connection: nothing leaks.
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ from .lab import (
     experiment,
     matches,
     more_than,
+    on,
     one_transaction,
     outcome,
     prefix,
@@ -190,8 +197,10 @@ async def concurrent_reads_on_one_session(lab: Lab[Sizes]) -> None:
     lab.check(
         "shared session holding a connection: reads are queued, not refused",
         f"The same {tasks} reads on a session that already holds its connection all succeed: "
-        "the asyncpg dialect queues them on that one connection (one backend, never two "
-        "pg_sleep at once, although the pool had room for more): serialised, not parallel.",
+        "both drivers queue them on that one connection (asyncpg under the dialect's "
+        "per-connection _execute_mutex, psycopg under its AsyncConnection's own lock): one "
+        "backend, never two pg_sleep at once, although the pool had room for more: "
+        "serialised, not parallel.",
         expected={
             "reads": ["ok"] * tasks,
             "backends": 1,
@@ -324,6 +333,8 @@ async def race_on_its_own_engine(lab: Lab[Sizes], variant: str, slug: str) -> Ra
     if result.checked_out_after_second_close:  # leaked until collected
         # a terminated backend leaves pg_stat_activity a moment later
         result.backend_gone = await backend_gone(lab, app, result.pid, within=2.0)
+    else:  # returned to the pool (psycopg): is its backend still open there?
+        result.backend_gone = result.pid not in await probes.backend_pids(lab.engine, app)
     result.next_use_after_gc = await outcome(one_transaction(lab.sessions_on(engine)))
     await engine.dispose()
     return result
@@ -343,18 +354,25 @@ async def backend_gone(lab: Lab[Sizes], app: str, pid: int, *, within: float) ->
 def check_collected(lab: Lab[Sizes], leaked: Race) -> None:
     """The garbage collector's part of a leak (the same check for every leaking race)."""
     lab.check(
-        "only the garbage collector gets a leaked connection back",
-        "Once the leaked session and task are dropped, garbage collection finds the connection "
-        "still checked out: the pool warns (SAWarning), logs an error, and terminates it; the "
-        "pool is then empty and usable again with a new connection.",
+        "what the garbage collector finds of the connection",
+        "asyncpg: once the leaked session and task are dropped, garbage collection finds the "
+        "connection still checked out: the pool warns (SAWarning), logs an error, and "
+        "terminates it; the pool is then empty and usable again with a new connection. "
+        "psycopg: nothing leaked (the close waited for the query and returned the "
+        "connection), so garbage collection finds nothing: no warning, no pool log error, "
+        "and the task's backend is still open, idle in the pool, for the next use.",
         expected={
-            "warning": contains(
-                "SAWarning: The garbage collector is trying to clean up non-checked-in connection"
+            "warning": on(
+                asyncpg=contains(
+                    "SAWarning: The garbage collector is trying to clean up non-checked-in "
+                    "connection"
+                ),
+                psycopg="no warning",
             ),
-            "pool log errors": at_least(1),
+            "pool log errors": on(asyncpg=at_least(1), psycopg=0),
             "checked out after gc": 0,
             "the task's backend": more_than(0),
-            "its backend gone": True,
+            "its backend gone": on(asyncpg=True, psycopg=False),
             "next use": "ok",
         },
         observed={
@@ -399,22 +417,28 @@ async def closed_while_the_query_runs(lab: Lab[Sizes]) -> None:
     leave the session's `async with`; then drop the objects and collect garbage."""
     found = await race_on_its_own_engine(lab, "query", "query")
     expected = {
-        "close": matches(r"^InterfaceError: .*another operation is in progress"),
-        "task still running after the close": True,
+        "close": on(
+            asyncpg=matches(r"^InterfaceError: .*another operation is in progress"),
+            psycopg="no error",
+        ),
+        "task still running after the close": on(asyncpg=True, psycopg=False),
         "task": "ok",
-        "checked out": 1,
-        "idle in transaction": 1,
+        "checked out": on(asyncpg=1, psycopg=0),
+        "idle in transaction": on(asyncpg=1, psycopg=0),
         "second close": "ok",
-        "checked out after the second close": 1,
-        "next use": prefix("TimeoutError"),
+        "checked out after the second close": on(asyncpg=1, psycopg=0),
+        "next use": on(asyncpg=prefix("TimeoutError"), psycopg="ok"),
     }
     lab.check(
-        "closed while the task's query runs: the connection leaks",
-        "The block exits while the task's SELECT pg_sleep runs: close() fails in asyncpg "
-        "(its ROLLBACK cannot run during the query), yet the task's query completes normally. "
-        "The connection is neither returned nor invalidated: it stays checked out, its backend "
-        "'idle in transaction'; a second close() succeeds but changes nothing; the next "
-        "checkout waits pool_timeout and fails.",
+        "closed while the task's query runs: asyncpg leaks the connection",
+        "The block exits while the task's SELECT pg_sleep runs. asyncpg: close() fails "
+        "(its ROLLBACK cannot run during the query: the dialect's rollback does not take the "
+        "execute mutex), yet the task's query completes normally. The connection is neither "
+        "returned nor invalidated: it stays checked out, its backend 'idle in transaction'; "
+        "a second close() succeeds but changes nothing; the next checkout waits pool_timeout "
+        "and fails. psycopg: no leak: its ROLLBACK waits on the AsyncConnection's lock until "
+        "the task's query is done, so close() succeeds once the task has finished, the "
+        "connection goes back to the pool and the next use works.",
         expected=expected,
         observed=found.observed(expected),
     )
@@ -427,19 +451,22 @@ async def gather_fails_inside_the_block(lab: Lab[Sizes]) -> None:
     once the sleep runs on the server; then drop the objects and collect garbage."""
     found = await race_on_its_own_engine(lab, "gather", "gather")
     expected = {
-        "leaves the block": prefix("InterfaceError"),
-        "its __context__": prefix("RuntimeError"),
-        "task still running after the close": True,
+        "leaves the block": on(asyncpg=prefix("InterfaceError"), psycopg=prefix("RuntimeError")),
+        "its __context__": on(asyncpg=prefix("RuntimeError"), psycopg="none"),
+        "task still running after the close": on(asyncpg=True, psycopg=False),
         "task": "ok",
-        "checked out": 1,
-        "next use": prefix("TimeoutError"),
+        "checked out": on(asyncpg=1, psycopg=0),
+        "next use": on(asyncpg=prefix("TimeoutError"), psycopg="ok"),
     }
     lab.check(
-        "gather + async with: the close error replaces the task's error",
+        "gather + async with: which error leaves the block",
         "gather() raises as soon as one task fails (RuntimeError) while the other task's query "
-        "still runs, so the block closes the session under it: what leaves the block is the "
-        "close's InterfaceError, the RuntimeError survives only as its __context__; the "
-        "running task still succeeds and the connection leaks as above.",
+        "still runs, so the block closes the session under it. asyncpg: what leaves the block "
+        "is the close's InterfaceError, the RuntimeError survives only as its __context__; the "
+        "running task still succeeds and the connection leaks as above. psycopg: the close "
+        "waits for the running query (psycopg's connection lock), then succeeds, so the "
+        "RuntimeError itself leaves the block, the task has finished by then and the "
+        "connection is back in the pool.",
         expected=expected,
         observed=found.observed(expected),
     )

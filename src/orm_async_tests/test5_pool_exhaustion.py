@@ -11,7 +11,7 @@ The experiment counts the failures, reads the error, watches the server side in
 to the pool (``checkedout()`` back to 0) and away from the server (``dispose``).
 Then it leaves things unclosed: a session that is never closed (in this process,
 under ``gc.collect()``), and an engine that is never disposed (in a child
-process that exits), and records what SQLAlchemy, asyncpg and the server do.
+process that exits), and records what SQLAlchemy, the driver and the server do.
 
 Sources: SQLAlchemy docs, "Connection Pooling" (``QueuePool``: ``pool_size``,
 ``max_overflow``, ``pool_timeout``; a connection proxy that is garbage collected
@@ -24,13 +24,18 @@ out, timeout <z>"); asyncio docs, "Synopsis - Core" tip (invoke
 multiple asyncio event loops" (dispose before reuse on another loop);
 SQLAlchemy source ``pool/base.py`` ``_finalize_fairy`` (the text "The garbage
 collector is trying to clean up non-checked-in connection ..., which will be
-terminated", warned as ``SAWarning`` and logged at ERROR). Issue threads:
-sqlalchemy/sqlalchemy#9234 ("Unclosed AsyncSession causes RuntimeError when
-program exits", 2.0) and #5990 ("asyncio: RuntimeError: Event loop is closed",
-1.4.0b3) report errors at exit that this experiment does not observe with
-SQLAlchemy 2.1 / asyncpg 0.32 / Python 3.11; cfpb/sbl-filing-api#181 and
-TensorBlock/forge#65 show the GC warning from sessions created by hand and
-never closed.
+terminated", or "which will be dropped, as it cannot be safely terminated" for
+a dialect without ``has_terminate``, such as psycopg's; warned as ``SAWarning``
+and logged at ERROR). In 2.1 the checked-out connection's finalizer is a
+``weakref.finalize`` (run once at exit, where it finds the connection still
+referenced and does nothing); in 2.0 it is a ``weakref.ref`` callback, which
+runs when interpreter shutdown finally collects an unclosed session. Issue
+threads: sqlalchemy/sqlalchemy#9234 ("Unclosed AsyncSession causes RuntimeError
+when program exits", 2.0) and #5990 ("asyncio: RuntimeError: Event loop is
+closed", 1.4.0b3) report errors at exit: this experiment observes one with
+SQLAlchemy 2.0 and asyncpg ("RuntimeError: greenlet is being finalized"), none
+with 2.1; cfpb/sbl-filing-api#181 and TensorBlock/forge#65 show the GC warning
+from sessions created by hand and never closed.
 """
 
 from __future__ import annotations
@@ -58,7 +63,9 @@ from .lab import (
     each,
     experiment,
     first_line,
+    matches,
     not_,
+    on,
     one_of,
     prefix,
     probes,
@@ -351,6 +358,18 @@ async def a_session_never_closed(lab: Lab[Sizes]) -> None:
     others = [w for w in caught if raw not in str(w.message)]
     if others:
         lab.note("other warnings caught during the gc.collect(): " + "; ".join(lines(others)))
+    logged = [
+        f"{r.levelname} on {r.name}"
+        for r in got.records
+        if raw in r.getMessage() and GC_WARNING in r.getMessage()
+    ]
+    # The pool's DEBUG records ("Connection %r checked out from pool") hold the driver
+    # connection in their args: a connection the GC cleanup dropped without closing it
+    # (psycopg) stays open as long as they do. They are this experiment's own references:
+    # release them, and record what the release does.
+    with warnings.catch_warnings(record=True) as released:
+        warnings.simplefilter("always")
+        got.records.clear()
     server_after = await probes.settle(lab.engine, app, 0, within=SETTLE)
     async with lab.sessions_on(engine)() as session:
         new_pid = int(await session.scalar(text("SELECT pg_backend_pid()")) or 0)
@@ -367,19 +386,21 @@ async def a_session_never_closed(lab: Lab[Sizes]) -> None:
             "warnings": lines(ours_before),
         },
     )
-    logged = [
-        f"{r.levelname} on {r.name}"
-        for r in got.records
-        if raw in r.getMessage() and GC_WARNING in r.getMessage()
-    ]
     lab.check(
-        "gc.collect() warns: SAWarning 'non-checked-in connection ... will be terminated'",
+        "gc.collect() warns: SAWarning 'non-checked-in connection'",
         "The garbage collector's cleanup of that session emits one SAWarning naming the "
-        "asyncpg connection, which is terminated (not returned to the pool: no IO is "
-        "possible in a finalizer), and logs the same text at ERROR on the pool's logger.",
+        "driver connection, which is not returned to the pool (no IO is possible in a "
+        "finalizer), and logs the same text at ERROR on the pool's logger. asyncpg: the "
+        "dialect has terminate() (it closes the socket without IO), so the connection 'will "
+        "be terminated'. psycopg: the dialect has no terminate (has_terminate is False), so "
+        "the connection 'will be dropped, as it cannot be safely terminated': SQLAlchemy "
+        "leaves it open and forgets it.",
         expected={
             "warnings": [prefix(f"SAWarning: {GC_WARNING}")],
-            "of which say": each(contains("which will be terminated")),
+            "of which say": on(
+                asyncpg=each(contains("which will be terminated")),
+                psycopg=each(contains("which will be dropped, as it cannot be safely terminated")),
+            ),
             "logged": [prefix("ERROR on sqlalchemy.pool")],
         },
         observed={"warnings": lines(ours), "of which say": lines(ours), "logged": logged},
@@ -388,14 +409,29 @@ async def a_session_never_closed(lab: Lab[Sizes]) -> None:
         "the GC cleanup frees the pool slot and ends the server connection",
         "After the GC cleanup the pool counts 0 checked out, the server connection is "
         "gone, and the next session (on a pool of 1) gets a new server connection "
-        "instead of a TimeoutError.",
+        "instead of a TimeoutError. asyncpg: the connection was terminated by the cleanup, "
+        "so releasing the last references to it (the pool's DEBUG log records this "
+        "experiment keeps) warns nothing. psycopg: the dropped connection was still open "
+        "until then: when the last reference goes, psycopg's AsyncConnection.__del__ warns "
+        "ResourceWarning 'deleted while still open' and libpq closes the socket; while any "
+        "reference remains (here: the log records), its server connection stays open.",
         expected={
             "checked out": 0,
+            "releasing the last references warns": on(
+                asyncpg=[],
+                psycopg=[
+                    matches(
+                        r"^ResourceWarning: <psycopg\.AsyncConnection object at 0x…> was "
+                        "deleted while still open"
+                    )
+                ],
+            ),
             "server connections": 0,
             "next session's backend pid": not_(one_of(0, pid)),
         },
         observed={
             "checked out": held_after,
+            "releasing the last references warns": lines(released),
             "server connections": server_after,
             "next session's backend pid": new_pid,
         },
@@ -427,6 +463,13 @@ async def leave_the_engine(app: str, leak_session: bool) -> int:
     return int(pid or 0)  # and no `await engine.dispose()`: that is the point
 
 
+RESOURCE_WARNINGS = on(
+    asyncpg=each(prefix("ResourceWarning: unclosed")),
+    psycopg=each(prefix("ResourceWarning: <psycopg.AsyncConnection> was deleted while still open")),
+)
+"""What a never-disposed engine's child says in ResourceWarnings, by driver."""
+
+
 def complaints(stderr: str) -> list[str]:
     """The distinct warnings/errors on stderr, object addresses and fds masked."""
     found: list[str] = []
@@ -438,6 +481,11 @@ def complaints(stderr: str) -> list[str]:
         if item not in found:
             found.append(item)
     return found
+
+
+def resource_warnings(stderr: str) -> list[str]:
+    """The distinct ResourceWarnings on stderr (addresses masked)."""
+    return [c for c in complaints(stderr) if c.startswith("ResourceWarning: ")]
 
 
 def trouble(stderr: str) -> list[str]:
@@ -501,31 +549,61 @@ async def an_engine_never_disposed(lab: Lab[Sizes]) -> None:
             strict=True,
         )
     )
+    at_shutdown = on(
+        # 2.0: interpreter shutdown collects the unclosed session, the fairy's weakref
+        # callback runs the GC cleanup there (sys:1); asyncpg's terminate() then calls
+        # greenlet.getcurrent(), which fails while greenlet is being finalized
+        sa20=on(
+            asyncpg=[
+                prefix("RuntimeError: greenlet is being finalized"),
+                matches(rf"^SAWarning: {GC_WARNING} <AdaptedConnection>, which will be terminated"),
+                "Traceback",
+            ],
+            psycopg=[
+                matches(
+                    rf"^SAWarning: {GC_WARNING} <AdaptedConnection>, which will be dropped, "
+                    "as it cannot be safely terminated"
+                )
+            ],
+        ),
+        # 2.1: the fairy's weakref.finalize runs at exit, finds it still referenced: no-op
+        sa21=[],
+    )
     lab.check(
         "an engine never disposed: the process exits quietly",
-        "Observed, not what the asyncio docs' dispose() tip and issues #5990/#9234 describe "
-        "('RuntimeError: Event loop is closed' within garbage collection): a child that "
-        "ends asyncio.run() without await engine.dispose() (with its connection pooled, "
-        "or still held by an unclosed session) exits 0 with no error or SAWarning; the "
-        "only complaints are ResourceWarnings for the unclosed asyncpg connection, "
-        "transport and socket, which Python's default warning filters hide.",
+        "Not what the asyncio docs' dispose() tip and issue #5990 describe ('RuntimeError: "
+        "Event loop is closed' within garbage collection): a child that ends asyncio.run() "
+        "without await engine.dispose() exits 0 on every cell. With its connection pooled it "
+        "says nothing but ResourceWarnings (hidden by Python's default filters): asyncpg's "
+        "'unclosed connection' / 'unclosed transport', psycopg's '<psycopg.AsyncConnection> "
+        "was deleted while still open'. With the connection still held by an unclosed "
+        "session, SQLAlchemy 2.1 stays as quiet (the checked-out connection's "
+        "weakref.finalize runs at exit, finds the session still alive and does nothing), "
+        "while 2.0 runs its GC cleanup during interpreter shutdown (a weakref callback): "
+        "the SAWarning 'non-checked-in connection' ('will be terminated' on asyncpg, 'will "
+        "be dropped, as it cannot be safely terminated' on psycopg) and, on asyncpg, the "
+        "logged traceback 'RuntimeError: greenlet is being finalized' of its terminate() "
+        "(issue #9234).",
         expected={
-            variant: {
+            "engine not disposed": {
                 "ended": "exit 0",
                 "raised": None,
                 "stderr besides ResourceWarnings": [],
-                "'unclosed' ResourceWarnings": at_least(1),
-            }
-            for variant in variants
+                "ResourceWarnings": RESOURCE_WARNINGS,
+            },
+            "engine not disposed, session not closed": {
+                "ended": "exit 0",
+                "raised": None,
+                "stderr besides ResourceWarnings": at_shutdown,
+                "ResourceWarnings": RESOURCE_WARNINGS,
+            },
         },
         observed={
             variant: {
                 "ended": e.run.ended(),
                 "raised": e.run.error,
                 "stderr besides ResourceWarnings": trouble(e.run.stderr),
-                "'unclosed' ResourceWarnings": sum(
-                    c.startswith("ResourceWarning: unclosed") for c in complaints(e.run.stderr)
-                ),
+                "ResourceWarnings": resource_warnings(e.run.stderr),
             }
             for variant, e in ended.items()
         },

@@ -28,6 +28,7 @@ from ..db import Database, Target, open_database, resolve_target
 from ..errors import explain, first_line
 from ..settings import Settings, redacted
 from .catalogue import catalogue
+from .progress import Progress
 from .registry import BadSizes, load
 from .report import format_report
 from .results import Result
@@ -145,42 +146,45 @@ async def run_report(
     experiments = [load(planned.module) for planned in plan]
     cells: list[dict[str, Any]] = []
     failed = False
-    for driver in drivers:
-        if find_spec(driver) is None:
-            server = "external" if os.environ.get("DATABASE_URL") else "embedded"
-            cell = Cell(driver, LINE, server)
-            cells.append(cannot_run(cell.key, cell.label(), f"{driver} is not installed"))
-            print(f"{cell.label()}: cannot run ({driver} is not installed)", flush=True)
-            continue
-        async with ready_database(target_out, driver=driver) as (db, where):
-            server_version = await db.server_version()
-            cell = Cell(driver, LINE, "embedded" if db.target.embedded else "external")
-            done: list[list[tuple[int, Result]]] = []
-            for run in range(1, runs + 1):
-                results = []
-                for experiment in experiments:
-                    result = await experiment.run(db)
-                    results.append((experiment.number, result))
-                    print(
-                        f"{cell.label()} run {run}/{runs} {experiment.name}: {result.verdict()}",
-                        flush=True,
-                    )
-                    if not result.ok:
-                        failed = True
-                        print(format_report(result, where, with_traceback=True), flush=True)
-                done.append(results)
-        settings = db.settings
-        versions = Versions(
-            python=platform.python_version(),
-            sqlalchemy=version("sqlalchemy"),
-            driver=f"{driver} {version(driver)}",
-            postgresql=server_version,
-            server=cell.server,
-            pgbouncer="not configured"
-            if settings.pgbouncer_url is None
-            else redacted(settings.pgbouncer_url),
-        )
-        cells.append(collect_cell(cell.key, cell.label(), done, versions))
+    with Progress(len(drivers) * runs * len(experiments)) as progress:
+        for driver in drivers:
+            if find_spec(driver) is None:
+                server = "external" if os.environ.get("DATABASE_URL") else "embedded"
+                cell = Cell(driver, LINE, server)
+                cells.append(cannot_run(cell.key, cell.label(), f"{driver} is not installed"))
+                progress.done(
+                    f"{cell.label()}: cannot run ({driver} is not installed)",
+                    runs * len(experiments),
+                )
+                continue
+            async with ready_database(target_out, driver=driver) as (db, where):
+                server_version = await db.server_version()
+                cell = Cell(driver, LINE, "embedded" if db.target.embedded else "external")
+                done: list[list[tuple[int, Result]]] = []
+                for run in range(1, runs + 1):
+                    results = []
+                    for experiment in experiments:
+                        step = f"{cell.label()} run {run}/{runs} {experiment.name}"
+                        progress.start(step)
+                        result = await experiment.run(db)
+                        results.append((experiment.number, result))
+                        progress.done(f"{step}: {result.verdict()}")
+                        if not result.ok:
+                            failed = True
+                            progress.say(format_report(result, where, with_traceback=True))
+                    done.append(results)
+            settings = db.settings
+            versions = Versions(
+                python=platform.python_version(),
+                sqlalchemy=version("sqlalchemy"),
+                driver=f"{driver} {version(driver)}",
+                postgresql=server_version,
+                server=cell.server,
+                pgbouncer="not configured"
+                if settings.pgbouncer_url is None
+                else redacted(settings.pgbouncer_url),
+            )
+            cells.append(collect_cell(cell.key, cell.label(), done, versions))
     data = collect(cells, runs, command, date.today().isoformat())
     write_findings(data, out, readme)
     return EXIT_FAILED if failed else EXIT_OK
