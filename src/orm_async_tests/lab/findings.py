@@ -256,21 +256,34 @@ def _shown_in(cell: Mapping[str, Any], name: str, scenario: str, check: Any) -> 
     return f"{_cell(_observed(check['observed']))} {_verdict(check['passed'])}"
 
 
+def _stable(check: Mapping[str, Any] | None) -> bool:
+    """Whether a cell observed the same value in every run (a value that varies from run
+    to run, a count or a pid, tells nothing about how the cells differ)."""
+    return check is None or len(set(map(str, check["observed"]))) <= 1
+
+
 def differences(data: Mapping[str, Any]) -> list[tuple[str, str, str, dict[str, str]]]:
     """(experiment, scenario, check, {cell label: expected → observed verdict}) of every
-    check whose verdict or observed value is not the same on every cell."""
+    check that differs between cells: its verdict, its expectation (stated per cell), or
+    an observed value that is the same in every run of each cell but not on every cell.
+    A check skipped or not run on some cells differs too."""
     cells = ran_cells(data)
     found = []
     for (name, scenario, _), entry in _by_check(data).items():
-        shown = {
-            c["label"]: _shown_in(c, name, scenario, entry["cells"].get(c["key"])) for c in cells
+        records = {c["label"]: entry["cells"].get(c["key"]) for c in cells}
+        shown = {c["label"]: _shown_in(c, name, scenario, records[c["label"]]) for c in cells}
+        expected = {
+            label: _observed(record["expected"])
+            for label, record in records.items()
+            if record is not None
         }
-        if len(set(shown.values())) > 1:
-            expected = {
-                c["label"]: _observed(entry["cells"][c["key"]]["expected"])
-                for c in cells
-                if entry["cells"].get(c["key"]) is not None
-            }
+        verdicts = {
+            "—" if r is None else "skipped" if r.get("skipped") else str(r["passed"])
+            for r in records.values()
+        }
+        observed_differs = len(set(shown.values())) > 1 and all(map(_stable, records.values()))
+        per_cell = any(r is not None and r.get("per_cell") for r in records.values())
+        if len(verdicts) > 1 or per_cell or observed_differs:
             both = {
                 label: (f"expected {_cell(expected[label])} → " if label in expected else "") + text
                 for label, text in shown.items()
@@ -306,7 +319,17 @@ def render_markdown(data: Mapping[str, Any]) -> str:
         counts = [held(e) for e in cell["experiments"]]
         ok, total = sum(t[0] for t in counts), sum(t[1] for t in counts)
         out.append(f"| {cell['label']} | {versions_line(cell)} | {ok}/{total} |")
-    out += ["", "## What differs", ""]
+    out += [
+        "",
+        "## What differs",
+        "",
+        "Every check whose verdict differs between cells, whose expectation is stated per "
+        "cell (the experiment found the drivers or SQLAlchemy lines to differ there), or "
+        "whose observed value is the same in every run of each cell but not on every cell. "
+        "Values that vary from run to run (counts, timings, PIDs) are not differences "
+        "between cells; they are in the experiment's table below.",
+        "",
+    ]
     found = differences(data)
     if not found:
         out += ["Every check has the same verdict and observed value on every cell.", ""]
