@@ -84,3 +84,27 @@ def test_no_count_is_typed_by_hand_in_the_readme() -> None:
     outside = readme[: readme.index(README_BEGIN)] + readme[readme.index(README_END) :]
     typed = re.findall(r"\b\d+ (?:experiments|checks|scenarios)\b", outside)
     assert typed == [], f"hand-typed counts in README.md: {typed}"
+
+
+def test_merge_joins_the_cells_of_several_reports_and_fails_on_a_failed_one(
+    findings: dict[str, Any], tmp_path: Path, capsys: Any
+) -> None:
+    from orm_async_tests.lab.runner import EXIT_FAILED, EXIT_OK, merge_reports
+
+    cells = [c for c in findings["cells"] if not c.get("cannot_run")]
+    external = json.loads(json.dumps(cells[0]))
+    external["key"] = external["key"].rsplit("/", 1)[0] + "/external"
+    parts = []
+    for i, part in enumerate(([*cells[1:]], [cells[0], external])):
+        path = tmp_path / f"part{i}.json"
+        path.write_text(json.dumps({**findings, "cells": part}))
+        parts.append(path)
+    assert merge_reports(parts, tmp_path / "out", None, "nox -s matrix") == EXIT_OK
+    merged = json.loads((tmp_path / "out" / "findings.json").read_text())
+    assert [c["key"] for c in merged["cells"]] == [c["key"] for c in cells] + [external["key"]]
+    assert merged["command"] == "nox -s matrix on each server (embedded, external), merged"
+
+    external["experiments"][0]["verdicts"][0] = "FAILED: 0/1 checks hold"
+    parts[1].write_text(json.dumps({**findings, "cells": [external]}))
+    assert merge_reports(parts, tmp_path / "out", None, "nox -s matrix") == EXIT_FAILED
+    assert "not passed:" in capsys.readouterr().out

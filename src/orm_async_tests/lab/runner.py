@@ -202,6 +202,9 @@ def merge_reports(sources: Sequence[Path], out: Path, readme: Path | None, comma
         documents = [json.loads(path.read_text()) for path in sources]
     except (OSError, ValueError) as exc:
         raise ReportError(f"cannot read the findings to merge: {exc}") from None
+    servers = {cell["key"].split("/")[-1] for doc in documents for cell in doc["cells"]}
+    if len(servers) > 1:
+        command = f"{command} on each server ({', '.join(sorted(servers))}), merged"
     data = merge(documents, command, date.today().isoformat())
     write_findings(data, out, readme)
     failed = [
