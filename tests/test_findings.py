@@ -89,7 +89,8 @@ def test_no_count_is_typed_by_hand_in_the_readme() -> None:
 def test_merge_joins_the_cells_of_several_reports_and_fails_on_a_failed_one(
     findings: dict[str, Any], tmp_path: Path, capsys: Any
 ) -> None:
-    from orm_async_tests.lab.runner import EXIT_FAILED, EXIT_OK, merge_reports
+    from orm_async_tests.lab.runner import merge_reports
+    from orm_async_tests.lab.scripts import EXIT_FAILED, EXIT_OK
 
     cells = [c for c in findings["cells"] if not c.get("cannot_run")]
     external = json.loads(json.dumps(cells[0]))
