@@ -10,7 +10,10 @@ does not track protocol-level prepared statements, so names go missing or
 collide. psycopg 3 prepares too, later: a query executed ``prepare_threshold``
 times (5 by default) on one connection is prepared as ``_pg3_N``, a name numbered per
 client connection. This experiment drives a concurrent load through PgBouncer with each
-configuration of the run's driver and counts the errors.
+configuration of the run's driver and counts the errors. PgBouncer 1.21+ with
+``max_prepared_statements > 0`` tracks protocol-level prepared statements: the last
+scenario runs the defaults there (it reports SKIPPED with the version found on an
+older one), and the scenarios that show the failures report SKIPPED on such a PgBouncer.
 
 It needs ``PGBOUNCER_URL`` (a PgBouncer in transaction mode in front of a
 PostgreSQL; ``.ci/start-pgbouncer`` starts Debian's on 127.0.0.1:6432, and
@@ -37,6 +40,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
+import psycopg
 from sqlalchemy import Integer, bindparam, func, literal_column, select, text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -222,6 +226,27 @@ async def fresh_servers(url: URL) -> str | None:
     return None
 
 
+async def tracking(url: URL) -> tuple[str, int | None]:
+    """PgBouncer's ``SHOW VERSION`` (``"PgBouncer 1.18.0"``) and its
+    ``max_prepared_statements`` (``None``: the setting does not exist, before 1.21), from
+    the admin console (psycopg: the console speaks the simple query protocol only, which
+    psycopg uses for a statement without parameters)."""
+    admin_url = url.set(drivername="postgresql", database="pgbouncer")
+    async with await psycopg.AsyncConnection.connect(
+        admin_url.render_as_string(False), autocommit=True, connect_timeout=5
+    ) as admin:
+        version = (await (await admin.execute("SHOW VERSION")).fetchall())[0][0]
+        config = await (await admin.execute("SHOW CONFIG")).fetchall()
+    limit = next((int(row[1]) for row in config if row[0] == "max_prepared_statements"), None)
+    return str(version), limit
+
+
+def version_of(shown: str) -> tuple[int, ...]:
+    """``(1, 18, 0)`` from ``"PgBouncer 1.18.0"``."""
+    found = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", shown)
+    return tuple(int(n) for n in found.groups("0")) if found else (0,)
+
+
 async def server_port(engine: AsyncEngine) -> int:
     async with engine.connect() as conn:
         return int(await conn.scalar(text("SELECT inet_server_port()")) or 0)
@@ -247,6 +272,10 @@ class Bouncer:
     """The port the clients dial (PgBouncer's)."""
     port: int
     """The port the server behind PgBouncer listens on (``inet_server_port()``)."""
+    version: str
+    """``SHOW VERSION`` on the admin console."""
+    max_prepared: int | None
+    """``max_prepared_statements`` (``None`` before 1.21, which does not have it)."""
     outcomes: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     """The errors of each configuration driven so far."""
     since_reconnect: list[str] = dataclasses.field(default_factory=list)
@@ -278,7 +307,26 @@ async def bouncer(lab: Lab[Sizes]) -> AsyncIterator[Bouncer]:
         ) from exc
     finally:
         await probe.dispose()
-    yield Bouncer(url, dialled, port)
+    try:
+        version, max_prepared = await asyncio.wait_for(tracking(url), 15)
+    except Exception as exc:
+        raise BouncerUnreachable(
+            f"PgBouncer at {url.host}:{dialled} answers, but not its admin console "
+            f"(SHOW VERSION needs the user in admin_users): {describe(exc)}"
+        ) from exc
+    yield Bouncer(url, dialled, port, version, max_prepared)
+
+
+async def untracked(lab: Lab[Sizes]) -> Bouncer:
+    """The PgBouncer, for a scenario that shows what goes wrong when it does not track
+    prepared statements: skipped when this one does (1.21+, max_prepared_statements > 0)."""
+    found = await lab.use(bouncer)
+    if found.max_prepared:
+        lab.skip(
+            f"{found.version} tracks prepared statements (max_prepared_statements = "
+            f"{found.max_prepared}): this scenario shows a PgBouncer that does not"
+        )
+    return found
 
 
 async def drive_config(
@@ -328,6 +376,7 @@ async def name_func_alone(lab: Lab[Sizes]) -> None:
     """The clients on a pooled engine with prepared_statement_name_func (uuid names) and
     both statement caches on, starting on fresh server connections."""
     lab.only_on("asyncpg", ASYNCPG_ONLY)
+    await untracked(lab)
     errors = await drive_config(lab, NAME_FUNC_ONLY, fresh=True)
     lab.check(
         "prepared_statement_name_func alone is not enough",
@@ -344,6 +393,7 @@ async def defaults(lab: Lab[Sizes]) -> None:
     """The clients on a pooled engine with the defaults, starting on fresh server
     connections (what they prepare stays there for the next scenarios)."""
     lab.only_on("asyncpg", ASYNCPG_ONLY)
+    await untracked(lab)
     errors = await drive_config(lab, DEFAULT, fresh=True)
     lab.check(
         "defaults fail through transaction pooling",
@@ -362,7 +412,7 @@ async def both_caches_off(lab: Lab[Sizes]) -> None:
     prepared_statement_cache_size=0, on the server connections the defaults left their
     statements on; which server backend ran each transaction of each client connection."""
     lab.only_on("asyncpg", ASYNCPG_ONLY)
-    found = await lab.use(bouncer)
+    found = await untracked(lab)
     if DEFAULT.label not in found.since_reconnect:  # run alone (--only): leave them there
         await drive_config(lab, DEFAULT, fresh=False)
     leftovers = DEFAULT.label in found.since_reconnect
@@ -405,6 +455,7 @@ async def docs_recipe(lab: Lab[Sizes]) -> None:
     prepared_statement_name_func), on the same leftover server connections; then with
     asyncpg's statement_cache_size=0 alone (a note: observed, not a recommendation)."""
     lab.only_on("asyncpg", ASYNCPG_ONLY)
+    await untracked(lab)
     errors = await drive_config(lab, DOCS_RECIPE, fresh=False)
     lab.check(
         f"works: {DOCS_RECIPE.label}",
@@ -434,7 +485,7 @@ async def nullpool_alone_in_two_processes(lab: Lab[Sizes]) -> None:
     ended, in a second one (an application restarted, or a second worker): asyncpg numbers
     statement names per process, from 1."""
     lab.only_on("asyncpg", ASYNCPG_ONLY)
-    found = await lab.use(bouncer)
+    found = await untracked(lab)
     size = lab.sizes
     refused = await fresh_servers(found.url)
     if refused is not None:
@@ -481,6 +532,7 @@ async def psycopg_prepare_threshold(lab: Lab[Sizes]) -> None:
     """The clients on a pooled psycopg engine with psycopg's defaults, on fresh server
     connections; then with prepare_threshold=None."""
     lab.only_on("psycopg", "prepare_threshold is psycopg's")
+    await untracked(lab)
     errors = await drive_config(lab, PSYCOPG_DEFAULT, fresh=True)
     lab.check(
         "psycopg's defaults fail through transaction pooling",
@@ -499,4 +551,31 @@ async def psycopg_prepare_threshold(lab: Lab[Sizes]) -> None:
         "pooled, even on the server connections the defaults left their statements on.",
         expected=NO_ERRORS,
         observed=failures(never),
+    )
+
+
+@run.scenario
+async def tracked_prepared_statements(lab: Lab[Sizes]) -> None:
+    """The run's driver with its defaults (asyncpg: both statement caches on; psycopg:
+    prepare_threshold=5) on fresh server connections of a PgBouncer 1.21+ with
+    max_prepared_statements > 0; skipped, with the version found, on any other."""
+    found = await lab.use(bouncer)
+    if version_of(found.version) < (1, 21) or not found.max_prepared:
+        lab.skip(
+            f"{found.version} found (max_prepared_statements: "
+            f"{'no such setting' if found.max_prepared is None else found.max_prepared}): "
+            "protocol-level prepared statements through transaction pooling need PgBouncer "
+            "1.21+ with max_prepared_statements > 0"
+        )
+    config = DEFAULT if lab.cell.driver == "asyncpg" else PSYCOPG_DEFAULT
+    errors = await drive_config(lab, config, fresh=True)
+    lab.check(
+        "PgBouncer 1.21+ tracking prepared statements: the defaults work",
+        "With max_prepared_statements > 0 PgBouncer tracks the statements each client "
+        "prepares (protocol-level Parse/Bind/Close, under names of its own) and prepares them "
+        "on whichever server connection runs the next transaction: the driver's defaults "
+        "(asyncpg's and SQLAlchemy's caches, psycopg's prepare_threshold) need no change, "
+        "every transaction succeeds.",
+        expected=NO_ERRORS,
+        observed=failures(errors),
     )
