@@ -1,8 +1,9 @@
 """Which in-place changes to JSONB and ARRAY columns are saved, and what do
 flag_modified and MutableDict/MutableList change; do UUID, enum and server defaults
-round-trip through asyncpg; is a statement executed repeatedly prepared once, and what
-does prepared_statement_cache_size=0 really change; and when do LISTEN/NOTIFY
-notifications arrive through the raw asyncpg connection?
+round-trip through the driver (asyncpg or psycopg); is a statement executed repeatedly
+prepared once, and what do prepared_statement_cache_size=0 (asyncpg) and
+prepare_threshold (psycopg) really change; and when do LISTEN/NOTIFY notifications
+arrive at a listener on the raw driver connection?
 
 Four things that look simple and are not:
 
@@ -14,26 +15,38 @@ Four things that look simple and are not:
   that compares equal to the (already mutated) loaded value is no change either.
 - **Server-side values come back at INSERT with RETURNING** (``public_id`` from
   ``gen_random_uuid()``, ``status``, ``profile``, ``tags``), already as
-  ``uuid.UUID`` (asyncpg's subclass) / ``UserStatus`` / ``dict`` / ``list``. An
-  enum label PostgreSQL does not know is refused by the server, through raw SQL
-  and through Core alike: the mapped ``Enum`` passes unknown strings on unless
-  ``validate_strings=True``, which refuses them before anything is sent.
-- **Prepared statements.** The asyncpg dialect prepares every statement and
-  keeps the prepared statement per DBAPI connection (``prepared_statement_cache_size``,
-  100 by default): the same SELECT run K times is prepared once.
-  ``prepared_statement_cache_size=0`` does *not* turn server-side prepared
-  statements off: asyncpg, whose own ``statement_cache_size`` is still on,
-  gives every prepare a new name (``__asyncpg_stmt_N__``), so each execution
-  prepares a new named statement and closes the previous one later. Only with
-  asyncpg's ``statement_cache_size=0`` as well are the statements unnamed (and
-  absent from ``pg_prepared_statements``). Observed through
-  ``pg_prepared_statements`` (name, executions = ``generic_plans + custom_plans``).
-  The two settings are given here as connect arguments of a ``NullPool`` engine
-  (``driver_args``), which is where the URL query parameter ends up as well.
-- **LISTEN/NOTIFY** needs the raw asyncpg connection (``add_listener``) on a
-  connection kept out of the shared pool; notifications are delivered at COMMIT,
-  in order, never for a rolled-back transaction, and identical payloads within
-  one transaction are folded into one.
+  ``uuid.UUID`` (asyncpg returns its own subclass, psycopg a plain ``uuid.UUID``) /
+  ``UserStatus`` / ``dict`` / ``list``. An enum label PostgreSQL does not know is
+  refused by the server, through raw SQL and through Core alike: the mapped ``Enum``
+  passes unknown strings on unless ``validate_strings=True``, which refuses them
+  before anything is sent.
+- **Prepared statements differ by driver.** The asyncpg dialect prepares every
+  statement and keeps the prepared statement per DBAPI connection
+  (``prepared_statement_cache_size``, 100 by default): the same SELECT run K times
+  is prepared once, at its first execution. ``prepared_statement_cache_size=0`` does
+  *not* turn server-side prepared statements off: asyncpg, whose own
+  ``statement_cache_size`` is still on, gives every prepare a new name
+  (``__asyncpg_stmt_N__``), so each execution prepares a new named statement and
+  closes the previous one later. Only with asyncpg's ``statement_cache_size=0`` as
+  well are the statements unnamed (and absent from ``pg_prepared_statements``).
+  SQLAlchemy's psycopg dialect keeps no cache of its own (neither setting exists
+  there); psycopg 3 itself counts executions per query text and parameter types and
+  prepares a query (``_pg3_N``) once it has run ``prepare_threshold`` times (5 by
+  default) on the connection: the first 5 executions are unprepared, the 6th
+  prepares it. ``prepare_threshold=0`` prepares at the first execution,
+  ``prepare_threshold=None`` never. And psycopg forgets them at every ROLLBACK (its
+  ``rollback()`` sends ``DEALLOCATE ALL`` after it), which SQLAlchemy's pool also
+  calls when a connection returns inside a transaction; asyncpg's survive. Observed
+  through ``pg_prepared_statements`` (name, executions = ``generic_plans +
+  custom_plans``). The settings are given here as connect arguments of a ``NullPool``
+  engine (``driver_args``), which is where the URL query parameter ends up as well.
+- **LISTEN/NOTIFY** needs the raw driver connection, kept out of the shared pool:
+  asyncpg's ``add_listener`` (a callback, called whenever a notification arrives), or
+  psycopg's ``LISTEN`` on an autocommit ``AsyncConnection`` read with ``notifies()``
+  (notifications are only read while that generator runs, and a LISTEN inside an open
+  transaction would only start at its COMMIT). Either way notifications are delivered
+  at COMMIT, in order, never for a rolled-back transaction, and identical payloads
+  within one transaction are folded into one.
 
 Sources: SQLAlchemy docs, "Mutation Tracking" (``sqlalchemy.ext.mutable``:
 ``MutableDict`` does not apply tracking to the values inside the dictionary, so
@@ -44,6 +57,13 @@ detect in-place mutations; use ``MutableList``), UUID and ENUM, and the core
 string refused with ``LookupError``); asyncpg dialect docs, "Prepared Statement
 Cache" and "Prepared Statement Name with PGBouncer"; asyncpg API reference,
 ``Connection.add_listener`` / ``remove_listener`` and ``statement_cache_size``;
+psycopg 3 docs, "Prepared statements" (a query is prepared after it is executed more
+than ``prepare_threshold`` times, default 5; ``None`` disables it; ``prepare=False`` on
+one ``execute()``) and "Asynchronous notifications" (``AsyncConnection.notifies()``,
+``timeout`` and ``stop_after`` since 3.2; keep the connection in autocommit to receive
+notifications in a timely manner); psycopg's source, ``psycopg/_preparing.py`` (the
+``_pg3_N`` names; the whole cache is cleared, ``DEALLOCATE ALL``, after a ROLLBACK) and
+``Connection.rollback()``;
 PostgreSQL docs, NOTIFY (delivered only when the transaction commits, never for
 a rolled-back one; in the order sent within a transaction; identical payloads on
 one channel within one transaction are delivered once) and the
@@ -70,13 +90,28 @@ from typing import Any
 from sqlalchemy import BigInteger, Enum, Executable, String, bindparam, select, text, update
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.exc import StatementError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.ext.mutable import MutableDict, MutableList
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.orm.attributes import flag_modified
 
-from .lab import BadSizes, Lab, contains, describe, each, experiment, matches, prefix, sqlstate
+from .lab import (
+    BadSizes,
+    Lab,
+    contains,
+    describe,
+    each,
+    experiment,
+    matches,
+    not_here,
+    on,
+    prefix,
+    sqlstate,
+)
 from .models import User, UserStatus
+
+PSYCOPG_THRESHOLD = 5
+"""psycopg's default ``prepare_threshold``: executions of a query before it is prepared."""
 
 
 @dataclass(frozen=True)
@@ -89,10 +124,12 @@ class Sizes:
     """Seconds the listener keeps listening for anything more (before COMMIT and after)."""
 
     def __post_init__(self) -> None:
-        if self.executions < 2:
+        if self.executions < PSYCOPG_THRESHOLD + 2:
             raise BadSizes(
-                f"executions ({self.executions}) must be at least 2: one execution cannot "
-                "tell a statement prepared once from one prepared per execution"
+                f"executions ({self.executions}) must be at least {PSYCOPG_THRESHOLD + 2}: "
+                f"psycopg runs a query {PSYCOPG_THRESHOLD} times unprepared, and one "
+                "prepared execution cannot tell a statement prepared once from one prepared "
+                "per execution"
             )
         if self.notifications < 1:
             raise BadSizes(f"notifications ({self.notifications}) must be at least 1")
@@ -101,7 +138,7 @@ class Sizes:
 
 
 run = experiment(
-    11, "PostgreSQL types, prepared statements and LISTEN/NOTIFY through asyncpg", Sizes
+    11, "PostgreSQL types, prepared statements and LISTEN/NOTIFY on asyncpg and psycopg", Sizes
 )
 
 
@@ -150,13 +187,6 @@ async def user_with(lab: Lab[Sizes], name: str, profile: dict[str, Any], tags: l
         session.add(user)
         await session.flush()
         return user.id
-
-
-def asyncpg_only(lab: Lab[Sizes]) -> None:
-    """Skip the scenario unless the driver is asyncpg (its cache, ``add_listener``)."""
-    driver = lab.engine.dialect.driver
-    if driver != "asyncpg":
-        lab.skip(f"driver {driver!r}: this scenario observes asyncpg itself")
 
 
 # -- server defaults, UUID, enum ------------------------------------------------------
@@ -505,9 +535,23 @@ async def array_in_place_changes(lab: Lab[Sizes]) -> None:
 
 # -- prepared statements -------------------------------------------------------------------
 
-PREPARED = "SELECT name, generic_plans + custom_plans FROM pg_prepared_statements "
-PREPARED += "WHERE statement LIKE $1 ORDER BY prepare_time, name"
+PREPARED = (
+    "SELECT name, generic_plans + custom_plans FROM pg_prepared_statements "
+    "WHERE statement LIKE {} ORDER BY prepare_time, name"
+)
 ASYNCPG_NAME = "__asyncpg_stmt_"
+PSYCOPG_NAME = "_pg3_"
+ASYNCPG_SETTING = (
+    "prepared_statement_cache_size is an argument of SQLAlchemy's asyncpg dialect and "
+    "statement_cache_size one of asyncpg's connect(); SQLAlchemy's psycopg dialect keeps "
+    "no prepared-statement cache, and psycopg refuses both as connect arguments (invalid "
+    "connection option): psycopg's prepare_threshold decides instead (the checks below)"
+)
+PSYCOPG_SETTING = (
+    "prepare_threshold is psycopg's connect argument; asyncpg has none (its connect() "
+    "refuses it), and through SQLAlchemy's asyncpg dialect every statement is prepared at "
+    "its first execution (the default check)"
+)
 
 
 @dataclass
@@ -521,18 +565,28 @@ class Prepared:
     """Rows visible after each execution."""
     final: list[tuple[str, int]] = field(default_factory=list)
     """(name, executions) of each row at the end."""
+    after_rollback: list[tuple[str, int]] = field(default_factory=list)
+    """The rows still there after the connection's ROLLBACK."""
+    threshold: Any = None
+    """psycopg's ``prepare_threshold`` of the connection (``None`` on asyncpg)."""
     seconds: float = 0.0
 
     def observed(self) -> dict[str, Any]:
         return {
             "distinct names": len(self.names),
+            "names": self.names,
+            "first visible after execution": next(
+                (i + 1 for i, rows in enumerate(self.visible) if rows), None
+            ),
             "most visible at once": max(self.visible, default=0),
             "executions of those left at the end": [runs for _, runs in self.final],
+            "left after ROLLBACK": len(self.after_rollback),
         }
 
 
 async def observe_prepared(lab: Lab[Sizes], engine: AsyncEngine, label: str) -> Prepared:
-    """Run one marked SELECT ``executions`` times on ONE connection, watching the server."""
+    """Run one marked SELECT ``executions`` times on ONE connection, watching the server,
+    then roll the connection back and look once more."""
     executions = lab.sizes.executions
     marker = f"{lab.tag.replace('-', '_')}probe"
     statement = select(User.id.label(marker)).where(User.username == bindparam("name"))
@@ -541,11 +595,20 @@ async def observe_prepared(lab: Lab[Sizes], engine: AsyncEngine, label: str) -> 
         raw = await conn.get_raw_connection()
         driver = raw.driver_connection
         assert driver is not None
+        seen.threshold = getattr(driver, "prepare_threshold", None)
 
         async def snapshot() -> list[tuple[str, int]]:
-            # asyncpg's own statement cache serves this query after its first run, so
-            # reading the view prepares nothing and does not trigger asyncpg's lazy close
-            rows = await driver.fetch(PREPARED, f"%{marker}%")
+            if lab.cell.driver == "psycopg":
+                # prepare=False: psycopg never prepares the view's own query (it would
+                # after prepare_threshold runs), so reading it changes nothing
+                cursor = await driver.execute(
+                    PREPARED.format("%s"), (f"%{marker}%",), prepare=False
+                )
+                rows = await cursor.fetchall()
+            else:
+                # asyncpg's own statement cache serves this query after its first run, so
+                # reading the view prepares nothing and does not trigger asyncpg's lazy close
+                rows = await driver.fetch(PREPARED.format("$1"), f"%{marker}%")
             return [(str(r[0]), int(r[1])) for r in rows]
 
         await snapshot()
@@ -558,6 +621,7 @@ async def observe_prepared(lab: Lab[Sizes], engine: AsyncEngine, label: str) -> 
             seen.names.extend(n for n, _ in rows if n not in seen.names)
         seen.final = await snapshot()
         await conn.rollback()
+        seen.after_rollback = await snapshot()
     lab.figure(f"{label}: {executions} executions", seen.seconds, "s")
     lab.figure(f"{label}: per execution", seen.seconds / executions * 1e3, "ms")
     return seen
@@ -566,80 +630,236 @@ async def observe_prepared(lab: Lab[Sizes], engine: AsyncEngine, label: str) -> 
 @run.scenario
 async def prepared_statement_cache(lab: Lab[Sizes]) -> None:
     """Run the same SELECT ``executions`` times on one connection of a NullPool engine,
-    with the default caches, with prepared_statement_cache_size=0, and with asyncpg's
-    statement_cache_size=0 as well, reading pg_prepared_statements after each execution."""
-    asyncpg_only(lab)
+    reading pg_prepared_statements after each execution and after a ROLLBACK: with the
+    default settings; on asyncpg with prepared_statement_cache_size=0, then with asyncpg's
+    statement_cache_size=0 as well; on psycopg with prepare_threshold=0, then None."""
     executions = lab.sizes.executions
+    asyncpg = lab.cell.driver == "asyncpg"
+    psycopg = lab.cell.driver == "psycopg"
     default = await observe_prepared(lab, lab.unpooled(), "default cache")
     lab.check(
         "default: prepared once, executed K times",
         f"On one connection, the same SELECT with {executions} different parameters is "
-        "prepared once: pg_prepared_statements holds one named statement for it, executed "
-        f"{executions} times (generic_plans + custom_plans).",
-        expected={
-            "distinct names": 1,
-            "names": each(prefix(ASYNCPG_NAME)),
-            "most visible at once": 1,
-            "executions of those left at the end": [executions],
-        },
-        observed={**default.observed(), "names": default.names},
+        "prepared once: pg_prepared_statements ends with one named statement for it. "
+        "asyncpg: SQLAlchemy's asyncpg dialect prepares it at the first execution "
+        f"(__asyncpg_stmt_N__), so it counts {executions} executions (generic_plans + "
+        "custom_plans), and it outlives the ROLLBACK. psycopg: the first "
+        f"{PSYCOPG_THRESHOLD} executions (prepare_threshold, by default) run unprepared, "
+        f"the {PSYCOPG_THRESHOLD + 1}th prepares it (_pg3_N), so it counts "
+        f"{executions - PSYCOPG_THRESHOLD}; and psycopg's rollback() forgets every prepared "
+        "statement (DEALLOCATE ALL), so nothing is left after it -- the same rollback() "
+        "SQLAlchemy's pool calls on a connection returned inside a transaction.",
+        expected=on(
+            asyncpg={
+                "distinct names": 1,
+                "names": each(prefix(ASYNCPG_NAME)),
+                "first visible after execution": 1,
+                "most visible at once": 1,
+                "executions of those left at the end": [executions],
+                "left after ROLLBACK": 1,
+            },
+            psycopg={
+                "distinct names": 1,
+                "names": each(prefix(PSYCOPG_NAME)),
+                "first visible after execution": PSYCOPG_THRESHOLD + 1,
+                "most visible at once": 1,
+                "executions of those left at the end": [executions - PSYCOPG_THRESHOLD],
+                "left after ROLLBACK": 0,
+            },
+        ),
+        observed=default.observed(),
     )
+    lab.note(f"statements visible after each execution, default cache: {default.visible}")
 
-    uncached = await observe_prepared(
-        lab,
-        lab.unpooled(driver_args={"prepared_statement_cache_size": 0}),
-        "prepared_statement_cache_size=0",
+    uncached = (
+        await observe_prepared(
+            lab,
+            lab.unpooled(driver_args={"prepared_statement_cache_size": 0}),
+            "prepared_statement_cache_size=0",
+        )
+        if asyncpg
+        else None
     )
     lab.check(
         "prepared_statement_cache_size=0: a new named statement per execution",
         "Turning SQLAlchemy's cache off does not stop server-side prepared statements: each "
         "execution prepares the statement again under a new asyncpg name "
         "(__asyncpg_stmt_N__), runs it once, and asyncpg closes it lazily (when the next one is "
-        "prepared), so one is visible after each execution.",
-        expected={
-            "distinct names": executions,
-            "names": each(prefix(ASYNCPG_NAME)),
-            "most visible at once": 1,
-            "executions of those left at the end": [1],
-        },
-        observed={**uncached.observed(), "names": uncached.names},
+        "prepared), so one is visible after each execution, and the last one is still there "
+        "after the ROLLBACK.",
+        expected=on(
+            asyncpg={
+                "distinct names": executions,
+                "names": each(prefix(ASYNCPG_NAME)),
+                "first visible after execution": 1,
+                "most visible at once": 1,
+                "executions of those left at the end": [1],
+                "left after ROLLBACK": 1,
+            },
+            psycopg=not_here(ASYNCPG_SETTING),
+        ),
+        observed=uncached.observed() if uncached else None,
     )
-    lab.note(
-        "count(*) of pg_prepared_statements for the statement after the run: "
-        f"{len(default.final)} with the default cache, {len(uncached.final)} with "
-        "prepared_statement_cache_size=0 -- a count alone does not tell them apart; the names "
-        "and execution counts do"
-    )
+    if uncached:
+        lab.note(
+            "count(*) of pg_prepared_statements for the statement after the run: "
+            f"{len(default.final)} with the default cache, {len(uncached.final)} with "
+            "prepared_statement_cache_size=0 -- a count alone does not tell them apart; the "
+            "names and execution counts do"
+        )
 
-    unnamed = await observe_prepared(
-        lab,
-        lab.unpooled(driver_args={"prepared_statement_cache_size": 0, "statement_cache_size": 0}),
-        "both caches 0 (unnamed statements)",
+    unnamed = (
+        await observe_prepared(
+            lab,
+            lab.unpooled(
+                driver_args={"prepared_statement_cache_size": 0, "statement_cache_size": 0}
+            ),
+            "both caches 0 (unnamed statements)",
+        )
+        if asyncpg
+        else None
     )
     lab.check(
         "plus asyncpg statement_cache_size=0: unnamed, nothing in the view",
         "With asyncpg's own statement_cache_size=0 as well, SQLAlchemy's prepare() gets the "
         "unnamed statement, which pg_prepared_statements does not list: nothing is ever "
         "visible (the setup PgBouncer in transaction mode needs).",
-        expected={
-            "distinct names": 0,
-            "most visible at once": 0,
-            "executions of those left at the end": [],
-        },
-        observed=unnamed.observed(),
+        expected=on(
+            asyncpg={
+                "distinct names": 0,
+                "names": [],
+                "first visible after execution": None,
+                "most visible at once": 0,
+                "executions of those left at the end": [],
+                "left after ROLLBACK": 0,
+            },
+            psycopg=not_here(ASYNCPG_SETTING),
+        ),
+        observed=unnamed.observed() if unnamed else None,
+    )
+
+    eager = (
+        await observe_prepared(
+            lab, lab.unpooled(driver_args={"prepare_threshold": 0}), "prepare_threshold=0"
+        )
+        if psycopg
+        else None
+    )
+    lab.check(
+        "psycopg prepare_threshold=0: prepared at the first execution",
+        "With prepare_threshold=0 (a connect argument) psycopg prepares the SELECT at its "
+        f"first execution, as asyncpg does by default: one _pg3_N statement, executed "
+        f"{executions} times, gone after the ROLLBACK.",
+        expected=on(
+            asyncpg=not_here(PSYCOPG_SETTING),
+            psycopg={
+                "connection's prepare_threshold": 0,
+                "distinct names": 1,
+                "names": each(prefix(PSYCOPG_NAME)),
+                "first visible after execution": 1,
+                "most visible at once": 1,
+                "executions of those left at the end": [executions],
+                "left after ROLLBACK": 0,
+            },
+        ),
+        observed={"connection's prepare_threshold": eager.threshold, **eager.observed()}
+        if eager
+        else None,
+    )
+
+    never = (
+        await observe_prepared(
+            lab, lab.unpooled(driver_args={"prepare_threshold": None}), "prepare_threshold=None"
+        )
+        if psycopg
+        else None
+    )
+    lab.check(
+        "psycopg prepare_threshold=None: nothing prepared",
+        "With prepare_threshold=None psycopg never prepares: the SELECT runs "
+        f"{executions} times through the unnamed statement and pg_prepared_statements "
+        "never lists it (psycopg's setting for PgBouncer in transaction mode).",
+        expected=on(
+            asyncpg=not_here(PSYCOPG_SETTING),
+            psycopg={
+                "connection's prepare_threshold": None,
+                "distinct names": 0,
+                "names": [],
+                "first visible after execution": None,
+                "most visible at once": 0,
+                "executions of those left at the end": [],
+                "left after ROLLBACK": 0,
+            },
+        ),
+        observed={"connection's prepare_threshold": never.threshold, **never.observed()}
+        if never
+        else None,
     )
     if default.seconds > 0:
-        lab.figure(
-            "cache off vs default, time per execution", uncached.seconds / default.seconds, "x"
-        )
-        lab.figure(
-            "both off vs default, time per execution", unnamed.seconds / default.seconds, "x"
-        )
+        for other, label in [
+            (uncached, "cache off vs default"),
+            (unnamed, "both off vs default"),
+            (eager, "prepare_threshold=0 vs default"),
+            (never, "prepare_threshold=None vs default"),
+        ]:
+            if other:
+                lab.figure(f"{label}, time per execution", other.seconds / default.seconds, "x")
 
 
 # -- LISTEN/NOTIFY -------------------------------------------------------------------------
 
 NOTIFY = text("SELECT pg_notify(:channel, :payload)")
+POLL = 0.05
+"""Seconds each psycopg ``notifies()`` call waits before the feeder looks whether to stop."""
+
+
+@asynccontextmanager
+async def listening(
+    lab: Lab[Sizes], conn: AsyncConnection, channel: str, queue: asyncio.Queue[tuple[int, str]]
+) -> AsyncIterator[None]:
+    """Inside the block, every notification on ``channel`` reaching ``conn``'s raw
+    driver connection is put on ``queue`` as ``(sender's backend pid, payload)``.
+
+    asyncpg: ``add_listener`` (asyncpg calls back whenever one arrives). psycopg: ``LISTEN``
+    on the AsyncConnection in autocommit, read by a task looping on ``notifies()``.
+    """
+    if lab.cell.driver == "psycopg":
+        # psycopg opens a transaction for any statement unless in autocommit: a LISTEN in
+        # it would start only at its COMMIT, and the server delivers nothing to a session
+        # inside a transaction
+        await conn.execution_options(isolation_level="AUTOCOMMIT")
+    raw = await conn.get_raw_connection()
+    driver = raw.driver_connection
+    assert driver is not None
+    if lab.cell.driver != "psycopg":
+
+        def on_notify(connection: Any, pid: int, channel: str, payload: str) -> None:
+            queue.put_nowait((pid, payload))
+
+        await driver.add_listener(channel, on_notify)
+        try:
+            yield
+        finally:
+            await driver.remove_listener(channel, on_notify)
+        return
+
+    stop = asyncio.Event()
+
+    async def feed() -> None:
+        # notifies() reads from the socket only while it runs, holding the connection's
+        # lock: a task keeps it running; its timeout lets the loop see ``stop``
+        while not stop.is_set():
+            async for notify in driver.notifies(timeout=POLL):
+                queue.put_nowait((notify.pid, notify.payload))
+
+    await driver.execute(f'LISTEN "{channel}"')
+    feeder = asyncio.create_task(feed())
+    try:
+        yield
+    finally:
+        stop.set()
+        await feeder
+        await driver.execute(f'UNLISTEN "{channel}"')
 
 
 async def drain(queue: asyncio.Queue[tuple[int, str]], seconds: float) -> list[str]:
@@ -670,48 +890,39 @@ async def until(
 
 @run.scenario
 async def listen_notify(lab: Lab[Sizes]) -> None:
-    """A listener (add_listener on the raw asyncpg connection of a NullPool engine) while
-    a sender notifies ``notifications`` payloads and one duplicate in an open transaction
-    and another session commits a sentinel; then the sender commits; then a rolled-back
+    """A listener on the raw driver connection of a NullPool engine (asyncpg's
+    add_listener; psycopg's LISTEN in autocommit, read with notifies()) while a sender
+    notifies ``notifications`` payloads and one duplicate in an open transaction and
+    another session commits a sentinel; then the sender commits; then a rolled-back
     notification and a committed one."""
-    asyncpg_only(lab)
     quiet = lab.sizes.quiet
     channel = f"{lab.tag.replace('-', '_')}events"
     queue: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
 
-    def on_notify(connection: Any, pid: int, channel: str, payload: str) -> None:
-        queue.put_nowait((pid, payload))
-
     payloads = [f"message-{i}" for i in range(lab.sizes.notifications)]
-    async with lab.unpooled().connect() as conn:  # the listener stays out of the pool
-        raw = await conn.get_raw_connection()
-        driver = raw.driver_connection
-        assert driver is not None
-        await driver.add_listener(channel, on_notify)
-        try:
-            async with lab.sessions() as sender, lab.sessions() as other:
-                sender_pid = await sender.scalar(text("SELECT pg_backend_pid()"))
-                for payload in [*payloads, "duplicate", "duplicate"]:
-                    await sender.execute(NOTIFY, {"channel": channel, "payload": payload})
-                # another transaction commits a sentinel while the sender's is still open
-                await other.execute(NOTIFY, {"channel": channel, "payload": "sentinel"})
-                await other.commit()
-                before_commit = [p for _, p in await until(queue, "sentinel")]
-                before_commit += await drain(queue, quiet)
-                committed = time.perf_counter()
-                await sender.commit()
-                after_commit = await until(queue, "duplicate")
-                lab.figure("COMMIT to last notification", time.perf_counter() - committed, "s")
-                after_commit_extra = await drain(queue, quiet)
+    # the listener's connection stays out of the pool
+    async with lab.unpooled().connect() as conn, listening(lab, conn, channel, queue):
+        async with lab.sessions() as sender, lab.sessions() as other:
+            sender_pid = await sender.scalar(text("SELECT pg_backend_pid()"))
+            for payload in [*payloads, "duplicate", "duplicate"]:
+                await sender.execute(NOTIFY, {"channel": channel, "payload": payload})
+            # another transaction commits a sentinel while the sender's is still open
+            await other.execute(NOTIFY, {"channel": channel, "payload": "sentinel"})
+            await other.commit()
+            before_commit = [p for _, p in await until(queue, "sentinel")]
+            before_commit += await drain(queue, quiet)
+            committed = time.perf_counter()
+            await sender.commit()
+            after_commit = await until(queue, "duplicate")
+            lab.figure("COMMIT to last notification", time.perf_counter() - committed, "s")
+            after_commit_extra = await drain(queue, quiet)
 
-            async with lab.sessions() as session:
-                await session.execute(NOTIFY, {"channel": channel, "payload": "rolled-back"})
-                await session.rollback()
-            async with lab.sessions.begin() as session:
-                await session.execute(NOTIFY, {"channel": channel, "payload": "after-rollback"})
-            after_rollback = [p for _, p in await until(queue, "after-rollback")]
-        finally:
-            await driver.remove_listener(channel, on_notify)
+        async with lab.sessions() as session:
+            await session.execute(NOTIFY, {"channel": channel, "payload": "rolled-back"})
+            await session.rollback()
+        async with lab.sessions.begin() as session:
+            await session.execute(NOTIFY, {"channel": channel, "payload": "after-rollback"})
+        after_rollback = [p for _, p in await until(queue, "after-rollback")]
 
     lab.check(
         "NOTIFY: nothing arrives before COMMIT",
