@@ -45,7 +45,10 @@ def driver_exception(exc: BaseException) -> BaseException | None:
     orig = getattr(exc, "orig", None)
     if not isinstance(orig, BaseException):
         return None
-    found = getattr(exc, "driver_exception", None)  # 2.1
+    try:
+        found = getattr(exc, "driver_exception", None)  # 2.1
+    except ValueError:  # 2.1 raises it when the adapter's error has no driver exception
+        found = None  # (asyncpg dialect's InvalidCachedStatementError): as in 2.0
     if isinstance(found, BaseException):
         return found
     cause = orig.__cause__  # 2.0: the adapter raised its error "from" the driver's
