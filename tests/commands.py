@@ -40,3 +40,20 @@ def run_command(
         check=False,
     )
     return Ran(done.returncode, done.stdout, done.stderr)
+
+
+def servers_under(directory: Path) -> list[int]:
+    """Pids of the PostgreSQL servers (postmasters) whose data directory is in ``directory``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv[0].endswith(b"/postgres") and any(
+            arg.startswith(str(directory).encode()) for arg in argv[1:]
+        ):
+            found.append(int(proc.name))
+    return found

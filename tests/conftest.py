@@ -1,7 +1,8 @@
 """Fixtures shared by the whole suite.
 
 One database for the run: with ``DATABASE_URL`` unset, a throw-away embedded
-PostgreSQL in a temporary data directory (deleted at exit); with it set, that
+PostgreSQL in a temporary directory (``oat-pg-*``), stopped and removed at the end of
+the run whichever way it ends (:func:`orm_async_tests.embedded.ensure_server`); with it set, that
 server. Either way the run works in its own fresh schema (``DB_SCHEMA``),
 migrated to head at the start and dropped at the end, so the suite never
 touches the data of ``public`` and can run twice in a row or beside another run.
@@ -28,6 +29,7 @@ from sqlalchemy.pool import NullPool
 
 from orm_async_tests import migrations
 from orm_async_tests.db import Database, Target, open_database, resolve_target
+from orm_async_tests.embedded import discard
 from orm_async_tests.settings import ASYNC_DRIVERS, Settings, with_driver
 
 
@@ -49,8 +51,13 @@ def settings(test_env: dict[str, str]) -> Settings:
 
 
 @pytest.fixture(scope="session")
-def target(settings: Settings) -> Target:
-    return resolve_target(settings, throwaway_embedded=True)
+def target(settings: Settings) -> Iterator[Target]:
+    """The run's server. An embedded one is stopped and its directory removed at the end
+    of the run; if the run is killed instead, the watcher started with it does that."""
+    found = resolve_target(settings, throwaway_embedded=True)
+    yield found
+    if found.embedded is not None:
+        discard(found.embedded.data_dir)
 
 
 @pytest.fixture(scope="session")

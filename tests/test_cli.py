@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -14,7 +15,7 @@ from orm_async_tests.db import Database
 from orm_async_tests.lab.catalogue import catalogue
 from orm_async_tests.lab.scripts import use_driver
 
-from .commands import SCRIPTS, run_command
+from .commands import SCRIPTS, run_command, servers_under
 
 
 def test_list_names_every_experiment_and_scenario() -> None:
@@ -156,17 +157,24 @@ def test_use_driver_rewrites_only_an_async_driver_of_the_url(monkeypatch: Any) -
 
 async def test_a_fresh_embedded_default_is_started_and_migrated_once() -> None:
     """No DATABASE_URL, an empty data directory: started, migrated, the experiment green;
-    the next command reuses the database without migrating again."""
+    the next command reuses the database without migrating again, and the server stops
+    when the last command using it exits."""
     data_dir = Path(tempfile.mkdtemp(prefix="oat-default-")) / "pgdata"
     env: dict[str, str | None] = {
         "DATABASE_URL": None,
         "DB_SCHEMA": None,
         "EMBEDDED_PGDATA": str(data_dir),
     }
-    first = await asyncio.to_thread(run_command, "orm-async-tests", "run", "3", env=env)
-    assert first.code == 0, first.text
-    assert "migrated the embedded database from empty to" in first.out
-    assert f"embedded PostgreSQL in {data_dir}" in first.out
-    again = await asyncio.to_thread(run_command, "test1", "--users", "40", "--batch", "10", env=env)
-    assert again.code == 0, again.text
-    assert "migrated" not in again.out
+    try:
+        first = await asyncio.to_thread(run_command, "orm-async-tests", "run", "3", env=env)
+        assert first.code == 0, first.text
+        assert "migrated the embedded database from empty to" in first.out
+        assert f"embedded PostgreSQL in {data_dir}" in first.out
+        again = await asyncio.to_thread(
+            run_command, "test1", "--users", "40", "--batch", "10", env=env
+        )
+        assert again.code == 0, again.text
+        assert "migrated" not in again.out
+        assert servers_under(data_dir) == [], "the server outlived the last command using it"
+    finally:
+        shutil.rmtree(data_dir.parent, ignore_errors=True)

