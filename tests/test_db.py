@@ -11,9 +11,9 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import NullPool
 
-from orm_async_tests.db import Database, Target, connect_args, open_database
+from orm_async_tests.db import Database, Target, connect_args, create_engine, open_database
 from orm_async_tests.embedded import ensure_server
-from orm_async_tests.settings import Settings
+from orm_async_tests.settings import Settings, with_driver
 
 
 async def test_engine_reaches_the_server_in_the_test_schema(database: Database) -> None:
@@ -41,6 +41,20 @@ async def test_overrides_and_nullpool(settings: Settings, target: Target) -> Non
         assert isinstance(db.engine.pool, NullPool)
         async with db.engine.connect() as conn:
             assert await conn.scalar(text("SELECT 1")) == 1
+
+
+async def test_url_query_reaches_the_dialect(settings: Settings, target: Target) -> None:
+    """``url_query`` is added to the URL, where a dialect reads its own options (asyncpg's
+    prepared_statement_cache_size); the rest of the URL is kept."""
+    asyncpg = Target(with_driver(target.url, "asyncpg"), target.embedded)
+    engine = create_engine(settings, asyncpg, url_query={"prepared_statement_cache_size": "0"})
+    try:
+        assert engine.url.query["prepared_statement_cache_size"] == "0"
+        assert engine.url.set(query={}) == asyncpg.url.set(query={})
+        async with engine.connect() as conn:
+            assert await conn.scalar(text("SELECT 1")) == 1
+    finally:
+        await engine.dispose()
 
 
 def test_connect_args_per_driver() -> None:

@@ -122,14 +122,16 @@ def create_engine(
     application_name: str | None = None,
     server_settings: Mapping[str, str] | None = None,
     driver_args: Mapping[str, Any] | None = None,
+    url_query: Mapping[str, str] | None = None,
     **overrides: Any,
 ) -> AsyncEngine:
     """An ``AsyncEngine`` for ``target`` with the options documented above.
 
     ``server_settings`` and ``driver_args`` (``{"command_timeout": 1}``) are added to
-    :func:`connect_args`. ``overrides`` are passed to ``create_async_engine`` last, so an
-    experiment can change one option (``pool_size=2``, ``pool_pre_ping=False``) and
-    keep the rest.
+    :func:`connect_args`; ``url_query`` to the URL's query, where SQLAlchemy's dialects
+    read their own options (``{"prepared_statement_cache_size": "0"}``). ``overrides``
+    are passed to ``create_async_engine`` last, so an experiment can change one option
+    (``pool_size=2``, ``pool_pre_ping=False``) and keep the rest.
     """
     args = connect_args(
         settings,
@@ -151,7 +153,8 @@ def create_engine(
             pool_timeout=settings.pool_timeout,
         )
     options.update(overrides)
-    return _create_async_engine(target.url, **options)
+    url = target.url.update_query_dict(dict(url_query)) if url_query else target.url
+    return _create_async_engine(url, **options)
 
 
 def create_session_factory(bind: AsyncEngine, **overrides: Any) -> async_sessionmaker[AsyncSession]:

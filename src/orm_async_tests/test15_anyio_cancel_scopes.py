@@ -437,6 +437,17 @@ def clean(watched: Watched) -> dict[str, list[str]]:
 NO_NOISE: dict[str, list[str]] = {"warnings (gc included)": [], "sqlalchemy.pool log": []}
 
 
+REPLACED: dict[str, Any] = {
+    "pool invalidate events": ["CancelledError"],
+    "checked out right after": 0,
+    "checked out after the settle": 0,
+    "next request": "ok",
+    "next request on the same backend": False,
+}
+"""What a cancellation that cost the pool its connection leaves: the connection
+invalidated, nothing checked out, the next request served by a new one."""
+
+
 def per_how(cases: list[Case], pick: Callable[[Case], Any]) -> dict[str, Any]:
     """``pick(case)`` for each case, by its canceller."""
     return {case.how: pick(case) for case in cases}
@@ -519,13 +530,7 @@ async def cancelled_mid_query(lab: Lab[Sizes]) -> None:
         "is not reproduced on this SQLAlchemy).",
         expected=per_how(
             cases,
-            lambda c: {
-                "pool invalidate events": ["CancelledError"],
-                "checked out right after": 0,
-                "checked out after the settle": 0,
-                "next request": "ok",
-                "next request on the same backend": False,
-            },
+            lambda c: REPLACED,
         ),
         observed=per_how(cases, Case.pool),
     )
@@ -742,13 +747,7 @@ async def cancelled_during_pre_ping(lab: Lab[Sizes]) -> None:
         "or after the settle, and the next checkout opens a new connection.",
         expected=per_how(
             cases,
-            lambda c: {
-                "pool invalidate events": ["CancelledError"],
-                "checked out right after": 0,
-                "checked out after the settle": 0,
-                "next request": "ok",
-                "next request on the same backend": False,
-            },
+            lambda c: REPLACED,
         ),
         observed=per_how(cases, Case.pool),
     )
@@ -885,12 +884,8 @@ async def cancelled_mid_stream(lab: Lab[Sizes]) -> None:
             batch_cases,
             lambda c: {
                 "rows before the cancel": on(asyncpg=0, psycopg=1),
-                "pool invalidate events": ["CancelledError"],
-                "checked out right after": 0,
-                "checked out after the settle": 0,
+                **REPLACED,
                 "backend after the settle": on(**left_running(lab, c.how)),
-                "next request": "ok",
-                "next request on the same backend": False,
             },
         ),
         observed=per_label(
@@ -993,12 +988,8 @@ async def cancelled_at_close(lab: Lab[Sizes]) -> None:
         "a new one.",
         expected={
             "close()": SCOPE_CANCELLED,
-            "pool invalidate events": ["CancelledError"],
-            "checked out right after": 0,
-            "checked out after the settle": 0,
+            **REPLACED,
             "backend after the settle": GONE,
-            "next request": "ok",
-            "next request on the same backend": False,
         },
         observed={
             "close()": explicit.extra["close()"],

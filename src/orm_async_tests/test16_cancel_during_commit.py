@@ -452,6 +452,16 @@ def sibling_only(lab: Lab[Sizes]) -> list[str]:
     return [f"SiblingFailed: the sibling fails {lab.sizes.fail_after:g} s after the COMMIT"]
 
 
+INVALIDATED_CLEANLY: dict[str, Any] = {
+    "pool invalidate events": ["CancelledError"],
+    "checked out": 0,
+    "engine's backends on the server": 0,
+    "warnings": [],
+}
+"""The pool after a cancelled race: the connection invalidated, nothing checked out,
+no backend of the engine left, no warning."""
+
+
 # ---------------------------------------------------------------- the scenarios
 
 
@@ -570,12 +580,7 @@ async def cancelled_during_commit(lab: Lab[Sizes]) -> None:
         "connection (one pool invalidate event), so nothing stays checked out, the "
         "engine's only backend goes away (nothing left idle in transaction on the server), "
         "and no warning is emitted, garbage collection included.",
-        expected={
-            "pool invalidate events": ["CancelledError"],
-            "checked out": 0,
-            "engine's backends on the server": 0,
-            "warnings": [],
-        },
+        expected=INVALIDATED_CLEANLY,
         observed=found.pool(),
     )
 
@@ -626,12 +631,7 @@ async def the_cancel_arrives_too_late(lab: Lab[Sizes]) -> None:
         "the pool after a late cancel",
         "As with the cancelled COMMIT: the connection is invalidated, nothing stays "
         "checked out, no backend of the engine is left, no warning.",
-        expected={
-            "pool invalidate events": ["CancelledError"],
-            "checked out": 0,
-            "engine's backends on the server": 0,
-            "warnings": [],
-        },
+        expected=INVALIDATED_CLEANLY,
         observed=found.pool(),
     )
 

@@ -68,7 +68,6 @@ each connection after one error, in autocommit the connection keeps failing).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import re
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -80,7 +79,6 @@ from sqlalchemy import Column, Enum, Integer, MetaData, String, Table, func, ins
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .db import create_engine
 from .lab import BadSizes, Lab, driver_error, experiment, first_line, on, prefix, sqlstate
 
 KINDS = ("a", "b", "c")
@@ -155,16 +153,13 @@ def configs(lab: Lab[Sizes]) -> tuple[Config, ...]:
 
 @asynccontextmanager
 async def app_engine(lab: Lab[Sizes], config: Config) -> AsyncIterator[AsyncEngine]:
-    """The application's engine: a pool of exactly K connections; the URL gets the
-    config's query (as the SQLAlchemy docs show it), the driver its connect arguments."""
-    target = lab.db.target
-    if config.url_query:
-        target = dataclasses.replace(target, url=target.url.update_query_dict(config.url_query))
-    engine = create_engine(
-        lab.db.settings,
-        target,
+    """The application's engine for one round: a pool of exactly K connections; the URL
+    gets the config's query (as the SQLAlchemy docs show it), the driver its connect
+    arguments; disposed when the round ends."""
+    engine = lab.engine_with(
         application_name=lab.name("app"),
         driver_args=config.driver_args,
+        url_query=config.url_query,
         pool_size=lab.sizes.connections,
         max_overflow=0,
     )

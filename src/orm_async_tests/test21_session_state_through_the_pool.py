@@ -872,6 +872,19 @@ def pair(first: Seen, second: Seen | str) -> dict[str, Any]:
     return {"request 1 rows": first.rows, "request 2": seen_dict(second), "same backend": same}
 
 
+def same_connection(
+    role: str, first_rows: int, *, leaked: tuple[str, int] | None = None
+) -> dict[str, Any]:
+    """What :func:`pair` is expected to find: request 1's rows, and request 2, on the same
+    backend as the scratch role, seeing ``leaked`` (the tenant and its rows) or nothing."""
+    tenant, rows = leaked or ("", 0)
+    return {
+        "request 1 rows": first_rows,
+        "request 2": {"rows": rows, "app.tenant": tenant, "current_user": role},
+        "same backend": True,
+    }
+
+
 @run.scenario
 async def plain_set_leaks_the_tenant(lab: Lab[Sizes]) -> None:
     """Three one-connection engines as the scratch role. Request 1 sets app.tenant to
@@ -903,11 +916,7 @@ async def plain_set_leaks_the_tenant(lab: Lab[Sizes]) -> None:
         "Request 1 sets the tenant with plain SET and commits: the setting is session-scoped, "
         "survives the return, and request 2, which set no tenant, reads every 'acme' row as "
         "if it were acme: a cross-tenant leak.",
-        expected={
-            "request 1 rows": acme,
-            "request 2": {"rows": acme, "app.tenant": "acme", "current_user": role},
-            "same backend": True,
-        },
+        expected=same_connection(role, acme, leaked=("acme", acme)),
         observed=pair(*committed),
     )
     lab.check(
@@ -915,22 +924,14 @@ async def plain_set_leaks_the_tenant(lab: Lab[Sizes]) -> None:
         "The same SET in a request that never commits is undone by the ROLLBACK when its "
         "session closes: request 2 sees no row. The leak depends on whether request 1 "
         "committed, which is why it passes read-only tests and shows up in production.",
-        expected={
-            "request 1 rows": acme,
-            "request 2": {"rows": 0, "app.tenant": "", "current_user": role},
-            "same backend": True,
-        },
+        expected=same_connection(role, acme),
         observed=pair(*rolled_back),
     )
     lab.check(
         "set_config(..., false) leaks the same way",
         "set_config('app.tenant', 'acme', false) is plain SET as a function: committed, it "
         "leaks acme's rows to request 2.",
-        expected={
-            "request 1 rows": acme,
-            "request 2": {"rows": acme, "app.tenant": "acme", "current_user": role},
-            "same backend": True,
-        },
+        expected=same_connection(role, acme, leaked=("acme", acme)),
         observed=pair(*by_config),
     )
 
@@ -961,22 +962,14 @@ async def set_local_per_transaction(lab: Lab[Sizes]) -> None:
         "SET LOCAL: the tenant ends with the transaction",
         "SET LOCAL app.tenant lasts until request 1's COMMIT: request 1 sees acme's rows, "
         "request 2 on the same connection sees none (the setting reads '').",
-        expected={
-            "request 1 rows": sizes.acme_rows,
-            "request 2": {"rows": 0, "app.tenant": "", "current_user": role},
-            "same backend": True,
-        },
+        expected=same_connection(role, sizes.acme_rows),
         observed=pair(*local),
     )
     lab.check(
         "set_config(..., true): the same",
         "set_config('app.tenant', 'globex', true) is SET LOCAL as a function (and takes a bind "
         "parameter, which SET does not): request 1 sees globex's rows, request 2 none.",
-        expected={
-            "request 1 rows": sizes.globex_rows,
-            "request 2": {"rows": 0, "app.tenant": "", "current_user": role},
-            "same backend": True,
-        },
+        expected=same_connection(role, sizes.globex_rows),
         observed=pair(*by_config),
     )
     lab.check(
@@ -1014,11 +1007,7 @@ async def reset_on_return_against_the_leak(lab: Lab[Sizes]) -> None:
         "The checkin listener's RESET ALL resets app.tenant before the connection goes back: "
         "request 2 sees no row, on the same connection, still as the scratch role (the role "
         "given at connect time is RESET ALL's default).",
-        expected={
-            "request 1 rows": acme,
-            "request 2": {"rows": 0, "app.tenant": "", "current_user": role},
-            "same backend": True,
-        },
+        expected=same_connection(role, acme),
         observed=pair(*after_reset),
     )
     lab.check(
@@ -1027,10 +1016,6 @@ async def reset_on_return_against_the_leak(lab: Lab[Sizes]) -> None:
         "DISCARD ALL's SET SESSION AUTHORIZATION DEFAULT does not turn the connection back "
         "into the superuser: the role given at connect time is the session's default, and "
         "request 2 still runs as the scratch role.",
-        expected={
-            "request 1 rows": acme,
-            "request 2": {"rows": 0, "app.tenant": "", "current_user": role},
-            "same backend": True,
-        },
+        expected=same_connection(role, acme),
         observed=pair(*after_discard),
     )

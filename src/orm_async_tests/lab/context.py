@@ -174,7 +174,7 @@ class Lab(Generic[S]):
     def engine_with(self, **overrides: Any) -> AsyncEngine:
         """Another engine on the same server with some options changed (see
         :func:`.db.create_engine`: ``pool_size=2``, ``server_settings={...}``,
-        ``driver_args={...}``); disposed after the run.
+        ``driver_args={...}``, ``url_query={...}``); disposed after the run.
 
         Its connections carry ``application_name`` = :attr:`tag` unless told otherwise.
         """
