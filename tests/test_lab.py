@@ -8,9 +8,11 @@ library does; these tests are what turns red then.
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 import tomllib
 import types
+import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -36,6 +38,7 @@ from orm_async_tests.lab import (
     prefix,
     where,
 )
+from orm_async_tests.lab.capture import captured
 from orm_async_tests.lab.catalogue import catalogue
 from orm_async_tests.lab.cells import Cell, not_here, on, resolve
 from orm_async_tests.lab.checks import agrees, make_check, mismatches, shown
@@ -532,3 +535,30 @@ def test_progress_prints_each_step_with_or_without_a_bar(capsys: Any) -> None:
         out = capsys.readouterr().out
         assert "test1: PASSED" in out, live
         assert "other cell: cannot run" in out, live
+
+
+class _WarnsWhenCollected:
+    """A reference cycle whose ``__del__`` warns, as a dropped driver connection does."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.me = self
+
+    def __del__(self) -> None:
+        warnings.warn(f"{self.label} was deleted while still open", ResourceWarning, stacklevel=1)
+
+
+def test_captured_records_what_the_block_leaves_not_what_came_before() -> None:
+    """Garbage from before the block is collected first, unrecorded (a random earlier
+    test's leak must not fail an experiment's "no warning" check); the block's own
+    garbage is collected at its end and recorded."""
+    gc.disable()
+    try:
+        _WarnsWhenCollected("before")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with captured() as got:
+                _WarnsWhenCollected("inside")
+    finally:
+        gc.enable()
+    assert [str(w.message) for w in got.caught] == ["inside was deleted while still open"]

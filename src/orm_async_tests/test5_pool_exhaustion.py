@@ -353,7 +353,6 @@ async def a_session_never_closed(lab: Lab[Sizes]) -> None:
     session on that pool."""
     app = lab.name("gc")
     engine = lab.one_connection(application_name=app, pool_timeout=lab.sizes.pool_timeout)
-    gc.collect()  # garbage from before is not ours: collected outside the capture below
     with capture.captured(level=logging.DEBUG, collect=False) as got:
         caught = got.caught
         with capture.manual_gc():  # from here on, only our gc.collect() collects

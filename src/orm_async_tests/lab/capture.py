@@ -57,7 +57,11 @@ def captured(
 ) -> Iterator[Captured]:
     """``with captured() as got:`` records every warning (all shown, none filtered out)
     and the records of ``logger`` at ``level`` or above until the block ends; with
-    ``collect``, ``gc.collect()`` runs as the block's last step, still recorded."""
+    ``collect``, ``gc.collect()`` runs as the block's last step, still recorded.
+
+    Garbage from before the block (an earlier experiment's or test's objects, whose
+    ``__del__`` may warn) is not the block's: ``gc.collect()`` runs first, unrecorded."""
+    gc.collect()
     box = Captured()
     handler = _Recorder(level, box)
     log = logging.getLogger(logger)
