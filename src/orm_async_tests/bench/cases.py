@@ -19,6 +19,7 @@ names the pattern in the report; the rest says why it is fast and correct.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
 from ..db import Database, open_database
+from ..settings import with_driver
 
 H = TypeVar("H")
 CaseFn = Callable[[H, Any], Awaitable[Any]]
@@ -42,13 +44,15 @@ class Environment:
     """Connections each implementation keeps: the highest concurrency of the run."""
     application_name: str = "orm-async-tests-bench"
 
-    def open_database(self, **engine_overrides: Any) -> Database:
-        """The project's engine and session factory on the run's server, for a SQLAlchemy
-        column: ``pool_size`` connections, no overflow, no pre-ping (SQLAlchemy's default;
-        neither the asyncpg pool nor Tortoise pings either)."""
+    def open_database(self, driver: str = "asyncpg", **engine_overrides: Any) -> Database:
+        """The project's engine and session factory on the run's server through ``driver``
+        (``asyncpg`` or ``psycopg``), for a SQLAlchemy column: ``pool_size`` connections,
+        no overflow, no pre-ping (SQLAlchemy's default; neither the raw drivers' pools nor
+        Tortoise or Piccolo ping either)."""
+        target = dataclasses.replace(self.db.target, url=with_driver(self.db.target.url, driver))
         return open_database(
-            self.db.settings,
-            target=self.db.target,
+            dataclasses.replace(self.db.settings, driver=driver),
+            target=target,
             application_name=self.application_name,
             pool_size=self.pool_size,
             max_overflow=0,

@@ -10,6 +10,8 @@ What :meth:`Dataset.seed` creates (sizes from :class:`Sizes`):
 - ``read_users`` users ``<tag>r00000…`` with ``login_count`` = their index: the
   keys of *get by primary key*; the first ``parents`` of them have ``children``
   track points each (*small filter*, *relationship load*);
+- ``groups`` groups ``<tag>g00000…`` (two columns: ``id``, ``name``): the keys of
+  *get by primary key, narrow row*;
 - one user ``<tag>big`` with ``large`` track points (*large filter*, *tuples*);
 - ``update_users`` users ``<tag>u…`` that *partial update* rewrites (their
   ``updated_at`` set back to ``created_at`` before each run);
@@ -36,7 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..db import Database
 from ..lab.context import delete_tagged
-from ..models import TrackPoint, User
+from ..models import Group, TrackPoint, User
 
 START = datetime(2024, 6, 1, tzinfo=UTC)
 """``date`` of track point 0; point ``k`` is ``k`` seconds later."""
@@ -45,7 +47,7 @@ Row = dict[str, Any]
 """One track point as an application holds it before saving: ``user_id, lat, lon, date``."""
 
 
-def table_of(model: type[User] | type[TrackPoint]) -> Table:
+def table_of(model: type[User] | type[TrackPoint] | type[Group]) -> Table:
     """A model's ``Table`` (typed as such: ``__table__`` is declared as a ``FromClause``)."""
     table = model.__table__
     assert isinstance(table, Table)
@@ -54,6 +56,7 @@ def table_of(model: type[User] | type[TrackPoint]) -> Table:
 
 users = table_of(User)
 points = table_of(TrackPoint)
+groups = table_of(Group)
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class Sizes:
     """How many rows each part of the data set has and each operation touches."""
 
     read_users: int = 1000
+    groups: int = 1000
     parents: int = 200
     children: int = 20
     small: int = 10
@@ -73,6 +77,7 @@ class Sizes:
 
 QUICK_SIZES = Sizes(
     read_users=200,
+    groups=200,
     parents=40,
     children=10,
     small=5,
@@ -109,6 +114,7 @@ class Dataset:
     sizes: Sizes
     tag: str = field(default_factory=new_tag)
     read_ids: list[int] = field(default_factory=list)
+    group_ids: list[int] = field(default_factory=list)
     big_id: int = 0
     update_ids: list[int] = field(default_factory=list)
     writer_ids: list[int] = field(default_factory=list)
@@ -140,6 +146,9 @@ class Dataset:
             names = [f"{self.tag}r{i:05d}" for i in range(s.read_users)]
             rows = [{"username": n, "login_count": i} for i, n in enumerate(names)]
             self.read_ids = await self._ids(conn, rows)
+            named = [{"name": f"{self.tag}g{i:05d}"} for i in range(s.groups)]
+            stmt = insert(groups).returning(groups.c.id, sort_by_parameter_order=True)
+            self.group_ids = list((await conn.execute(stmt, named)).scalars())
             self.update_ids = await self._ids(
                 conn, [{"username": f"{self.tag}u{i:05d}"} for i in range(s.update_users)]
             )
@@ -155,7 +164,7 @@ class Dataset:
             await conn.execute(insert(points), children)
         async with self.db.engine.connect() as conn:
             # fresh statistics, so the first reads are planned on what is really there
-            await conn.execute(text("ANALYZE users, track_points"))
+            await conn.execute(text("ANALYZE users, track_points, groups"))
             await conn.commit()
 
     async def _ids(self, conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> list[int]:

@@ -141,6 +141,12 @@ async def get_by_pk(conn: Any, user_id: int) -> Any:
     return await conn.fetchrow(f"SELECT {USER_COLUMNS} FROM users WHERE id = $1", user_id)
 
 
+@IMPL.case("get_narrow")
+async def get_narrow(conn: Any, group_id: int) -> Any:
+    """``fetchrow(SELECT id, name FROM groups WHERE id = $1)``: a two-column ``Record``."""
+    return await conn.fetchrow("SELECT id, name FROM groups WHERE id = $1", group_id)
+
+
 @IMPL.case("filter_small")
 async def filter_small(conn: Any, item: SmallFilter) -> Any:
     """``fetch(SELECT … WHERE user_id = $1 AND date >= $2)``: a list of ``Record``."""

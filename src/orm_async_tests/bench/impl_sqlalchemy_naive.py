@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
 from ..db import Database
-from ..models import TrackPoint, User
+from ..models import Group, TrackPoint, User
 from .cases import Environment, Implementation
 from .dataset import Row
 from .operations import SmallFilter, Update
@@ -113,6 +113,12 @@ async def get_by_pk(session: AsyncSession, user_id: int) -> User | None:
     of a key it does not hold is a full ORM query.
     """
     return await session.get(User, user_id)
+
+
+@IMPL.case("get_narrow")
+async def get_narrow(session: AsyncSession, group_id: int) -> Group | None:
+    """``await session.get(Group, id)``: a two-column ``Group`` (its members not loaded)."""
+    return await session.get(Group, group_id)
 
 
 @IMPL.case("filter_small")

@@ -25,7 +25,7 @@ from .cases import Environment, Implementation
 from .connect import server_params
 from .dataset import Row
 from .operations import SmallFilter, Update
-from .tortoise_models import APP, TrackPoint, User
+from .tortoise_models import APP, Group, TrackPoint, User
 
 
 class Tortoise(Implementation[None]):
@@ -112,6 +112,12 @@ async def delete(_: None, point_id: int) -> None:
 async def get_by_pk(_: None, user_id: int) -> User:
     """``await User.get(id=...)``: one SELECT, one model instance."""
     return await User.get(id=user_id)
+
+
+@IMPL.case("get_narrow")
+async def get_narrow(_: None, group_id: int) -> Group:
+    """``await Group.get(id=...)``: one SELECT, a two-column model instance."""
+    return await Group.get(id=group_id)
 
 
 @IMPL.case("filter_small")

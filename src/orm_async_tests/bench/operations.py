@@ -167,6 +167,28 @@ class GetByPk(Operation):
 
 
 @operation
+class GetNarrow(Operation):
+    key = "get_narrow"
+    title = "get by primary key, narrow row"
+    group = "reads"
+    one_op = "read one group (two columns: id, name) by id"
+
+    async def items(self, data: Dataset, n: int, concurrency: int) -> list[Any]:
+        ids = data.group_ids
+        return [ids[i % len(ids)] for i in range(n)]
+
+    async def check(self, data: Dataset, items: Sequence[Any], results: Sequence[Any]) -> list[str]:
+        index = {gid: i for i, gid in enumerate(data.group_ids)}
+        problems = []
+        for gid, group in zip(items, results, strict=True):
+            got = (field(group, "id"), field(group, "name"))
+            want = (gid, f"{data.tag}g{index[gid]:05d}")
+            if got != want:
+                problems.append(f"group {gid}: (id, name) = {got}, expected {want}")
+        return first_problems(problems)
+
+
+@operation
 class FilterSmall(Operation):
     key = "filter_small"
     title = "small filter"

@@ -62,3 +62,11 @@ class TrackPoint(Model):
 
     class Meta:
         table = "track_points"
+
+
+class Group(Model):
+    id = fields.BigIntField(primary_key=True)
+    name = fields.CharField(max_length=64, unique=True)
+
+    class Meta:
+        table = "groups"
