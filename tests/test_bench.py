@@ -24,7 +24,17 @@ from orm_async_tests.bench.connect import server_params
 from orm_async_tests.bench.dataset import QUICK_SIZES, Dataset, users
 from orm_async_tests.bench.operations import OPERATIONS, Update
 from orm_async_tests.bench.runner import QUICK_PLAN, Cell, run_group
-from orm_async_tests.bench.stats import DASH, TIMES, geomean, number, ratio, summarize, times
+from orm_async_tests.bench.stats import (
+    DASH,
+    TIMES,
+    geomean,
+    geomean_of,
+    median_rank,
+    number,
+    ratio,
+    summarize,
+    times,
+)
 from orm_async_tests.db import Database, Target
 from orm_async_tests.models import User
 from orm_async_tests.settings import Settings, normalize_url
@@ -43,11 +53,12 @@ async def test_quick_bench_gives_every_cell_a_number(database: Database, tmp_pat
     from orm_async_tests.bench.suite import IMPLEMENTATIONS, group_count, run_bench
 
     seen: list[str] = []
-    run = await run_bench(database, quick=True, concurrency=(1, 10), progress=seen.append)
+    # 4, not 10: one pool per implementation must fit the external server's 100 connections
+    run = await run_bench(database, quick=True, concurrency=(1, 4), progress=seen.append)
 
     assert [(c.operation, c.implementation, c.concurrency, c.error) for c in run.failed] == []
     assert len(run.cells) == len(OPERATIONS) * 2 * len(IMPLEMENTATIONS)
-    assert len(seen) == group_count((1, 10)) == len(OPERATIONS) * 2
+    assert len(seen) == group_count((1, 4)) == len(OPERATIONS) * 2
     for cell in run.cells:
         summary = cell.summary
         assert summary is not None, cell
@@ -66,11 +77,15 @@ async def test_quick_bench_gives_every_cell_a_number(database: Database, tmp_pat
     ]
     data = json.loads((tmp_path / "bench.json").read_text())
     assert all(isinstance(c["median"], float) and c["error"] is None for c in data["cells"])
-    assert set(data["geomeans"]) == {"1", "10"}
-    assert all(v is not None for v in data["geomeans"]["10"].values())
+    assert set(data["geomeans"]) == {"asyncio"}
+    assert set(data["geomeans"]["asyncio"]) == {"1", "4"}
+    for estimate in data["geomeans"]["asyncio"]["4"].values():
+        assert estimate["low"] <= estimate["value"] <= estimate["high"]
+    assert {g["ratio"] for g in data["goals"]} == {"core/asyncpg", "orm/tortoise", "orm/piccolo"}
     table = (tmp_path / "bench.md").read_text()
-    assert "## Concurrency 1" in table
-    assert "## Concurrency 10" in table
+    assert "## asyncio, concurrency 1: operations per second" in table
+    assert "## asyncio, concurrency 4: operations per second" in table
+    assert "## Goals" in table
     assert "failed" not in table
     for op in OPERATIONS.values():
         assert f"| {op.title} |" in table
@@ -91,7 +106,7 @@ class OnTheTestEngine(Implementation[AsyncConnection]):
 
     def __init__(self, key: str, engine: AsyncEngine) -> None:
         super().__init__()
-        self.key = key  # type: ignore[misc]
+        self.key = key
         self.engine = engine
 
     async def open(self, env: Environment) -> None:
@@ -180,13 +195,20 @@ async def test_an_update_that_leaves_updated_at_fails_after_one_that_moved_it(
     assert "updated_at moved: False" in bad.error
 
 
-def test_summary_is_median_min_max() -> None:
+def test_summary_is_the_median_and_its_interval() -> None:
     odd = summarize([30.0, 10.0, 20.0, 50.0, 40.0])
     assert (odd.median, odd.low, odd.high) == (30.0, 10.0, 50.0)
     assert odd.samples == (30.0, 10.0, 20.0, 50.0, 40.0)
     even = summarize([4.0, 1.0, 3.0, 2.0])
     assert (even.median, even.low, even.high) == (2.5, 1.0, 4.0)
     assert summarize([7.0]).median == 7.0
+    # 12 samples: the 95 % interval of the median is the 3rd to the 10th (P = 0.961)
+    twelve = summarize([float(v) for v in range(12, 0, -1)])
+    assert (twelve.median, twelve.low, twelve.high) == (6.5, 3.0, 10.0)
+    assert median_rank(12) == 3
+    assert median_rank(9) == 2
+    assert median_rank(6) == 1  # P(min < median < max) = 0.969
+    assert median_rank(5) == 1  # no 95 % interval from 5 samples: the min-max, 0.94
     with pytest.raises(ValueError, match="no samples"):
         summarize([])
     with pytest.raises(ValueError, match="positive"):
@@ -195,8 +217,14 @@ def test_summary_is_median_min_max() -> None:
 
 def test_ratios_and_geometric_means() -> None:
     fast, slow = summarize([200.0, 100.0, 300.0]), summarize([50.0, 40.0, 60.0])
-    assert ratio(slow, fast) == 0.25
-    assert ratio(fast, slow) == 4.0
+    quarter, four = ratio(slow, fast), ratio(fast, slow)
+    assert quarter is not None
+    assert four is not None
+    assert quarter.value == 0.25
+    assert four.value == 4.0
+    assert quarter.low <= 0.25 <= quarter.high
+    assert four.low <= 4.0 <= four.high
+    assert ratio(slow, fast) == quarter  # seeded: the same samples, the same interval
     assert ratio(None, fast) is None
     assert ratio(fast, None) is None
     assert geomean([2.0, 8.0]) == pytest.approx(4.0)
@@ -206,6 +234,31 @@ def test_ratios_and_geometric_means() -> None:
     assert geomean([]) is None
     with pytest.raises(ValueError, match="positive"):
         geomean([1.0, -1.0])
+
+
+def test_a_paired_ratio_cancels_what_both_sides_of_a_round_shared() -> None:
+    """Rounds that ran slow for both implementations (a busy machine) leave the ratio of
+    the paired rounds steady; the same samples out of step give a wide interval."""
+    load = [1.0, 0.5, 1.0, 0.6, 1.0, 0.7, 1.0, 0.5, 1.0, 0.6, 1.0, 0.8]
+    top = summarize([2000.0 * f for f in load])
+    bottom = summarize([1000.0 * f for f in load])
+    paired = ratio(top, bottom)
+    assert paired is not None
+    assert (paired.low, paired.value, paired.high) == (2.0, 2.0, 2.0)
+    shifted = summarize([1000.0 * f for f in load[1:] + load[:1]])
+    unpaired = ratio(top, shifted)
+    assert unpaired is not None
+    assert unpaired.high - unpaired.low > 0.5
+
+
+def test_a_geometric_mean_has_an_interval_around_it() -> None:
+    a = [summarize([100.0, 110.0, 90.0, 105.0]), summarize([10.0, 12.0, 9.0, 11.0])]
+    b = [summarize([50.0, 52.0, 48.0, 51.0]), summarize([20.0, 19.0, 21.0, 22.0])]
+    g = geomean_of(zip(a, b, strict=True))
+    assert g is not None
+    assert g.value == pytest.approx(geomean([102.5 / 50.5, 10.5 / 20.5]))
+    assert g.low < g.value < g.high
+    assert geomean_of([(a[0], None)]) is None
 
 
 def test_numbers_as_the_report_shows_them() -> None:
@@ -279,3 +332,86 @@ def test_bench_setup_error_is_one_line() -> None:
     assert ran.err.startswith("error: cannot reach PostgreSQL at 127.0.0.1:1/db")
     assert ran.err.count("\n") == 1
     assert "secret" not in ran.err
+
+
+def fake_run(scale: float) -> Any:
+    """A run of two implementations on two operations, asyncpg's samples times ``scale``."""
+    from orm_async_tests.bench.suite import BenchRun
+
+    meta: dict[str, Any] = {
+        "date": "2026-12-06T00:00:00+00:00",
+        "quick": False,
+        "concurrency": [1],
+        "loops": ["asyncio"],
+        "database": "a test",
+        "postgresql": "18",
+        "versions": dict.fromkeys(
+            ("python", "sqlalchemy", "asyncpg", "psycopg", "tortoise-orm", "piccolo", "uvloop"),
+            "1",
+        ),
+        "cpus": 2,
+        "plan": {"repeats": 4, "target": 0.1},
+        "operations": {
+            op: {"title": OPERATIONS[op].title, "group": "reads", "one_op": "-"}
+            for op in ("get_by_pk", "get_narrow")
+        },
+        "implementations": {"asyncpg": "asyncpg", "sqlalchemy_best": "SA best Core"},
+        "patterns": {},
+        "seconds": 1.0,
+        "per_loop": {},
+    }
+    samples = [100.0, 104.0, 98.0, 102.0]
+    cells = [
+        Cell(op, impl, 1, samples=[s * (scale if impl == "asyncpg" else 0.5) for s in samples])
+        for op in meta["operations"]
+        for impl in meta["implementations"]
+    ]
+    return BenchRun(meta, cells)
+
+
+@needs_bench_group
+def test_compare_says_whether_a_second_run_reproduced_the_first(tmp_path: Path) -> None:
+    from orm_async_tests.bench import report
+
+    for name, scale in (("a", 1.0), ("b", 1.05), ("c", 1.3)):
+        report.write(fake_run(scale), tmp_path / name)
+    readme = tmp_path / "README.md"
+    readme.write_text("top\n<!-- bench: start -->\nold\n<!-- bench: end -->\nbottom\n")
+
+    def compare(other: str) -> Any:
+        return run_command(
+            "orm-async-tests",
+            "bench",
+            "--compare",
+            str(tmp_path / "a" / "bench.json"),
+            str(tmp_path / other / "bench.json"),
+            "--out",
+            str(tmp_path / f"vs-{other}"),
+            "--readme",
+            str(readme),
+        )
+
+    close, far = compare("b"), compare("c")
+    assert close.code == 0, close.text
+    assert "1 of 1 geometric means within ±10%" in close.out
+    page = (tmp_path / "vs-b" / "reproduction.md").read_text()
+    assert "-4.8%" in page  # core/asyncpg 0.5 → 0.5 / 1.05
+    assert far.code == 1, far.text
+    assert "beyond ±10 %" in (tmp_path / "vs-c" / "reproduction.md").read_text()
+    text = readme.read_text()
+    assert text.startswith("top\n<!-- bench: start -->")
+    assert text.endswith("<!-- bench: end -->\nbottom\n")
+    assert "old" not in text
+    assert f"| SA best Core / asyncpg | 0.500{TIMES} (" in text
+
+
+@needs_bench_group
+def test_compare_of_a_file_that_is_not_a_run_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "x.json").write_text("[]")
+    ran = run_command(
+        "orm-async-tests", "bench", "--compare", str(tmp_path / "x.json"), str(tmp_path / "nope")
+    )
+    assert ran.code == 2, ran.text
+    assert ran.err.startswith("error: ")
+    assert "is not a bench.json" in ran.err
+    assert ran.err.count("\n") == 1

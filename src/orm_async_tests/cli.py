@@ -73,12 +73,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     bench = commands.add_parser(
         "bench",
-        help="benchmark async SQLAlchemy patterns beside raw asyncpg and Tortoise ORM",
+        help="benchmark async SQLAlchemy patterns beside raw drivers and other ORMs",
         description="Benchmark the naive and the fastest correct async SQLAlchemy patterns "
-        "beside raw asyncpg and Tortoise ORM on the same server and rows; writes JSON, "
-        "Markdown and charts. Needs `poetry install --with bench`.",
+        "(Core and ORM, on asyncpg and psycopg) beside raw asyncpg, raw psycopg, Tortoise "
+        "ORM and Piccolo on the same server and rows, on asyncio's loop and uvloop; writes "
+        "JSON, Markdown and charts. Needs `poetry install --with bench`.",
     )
     bench.add_argument("--quick", action="store_true", help="a short run (smaller, fewer repeats)")
+    bench.add_argument(
+        "--loop",
+        nargs="+",
+        choices=("asyncio", "uvloop"),
+        help="event loops to run on, each in turn (default: asyncio uvloop)",
+    )
+    bench.add_argument("--operations", nargs="+", metavar="OP", help="only these operations")
+    bench.add_argument(
+        "--implementations", nargs="+", metavar="IMPL", help="only these implementations"
+    )
+    bench.add_argument(
+        "--repeat-check",
+        action="store_true",
+        help="run the cells twice (default: the primary-key reads) and show both medians",
+    )
+    bench.add_argument(
+        "--compare",
+        nargs=2,
+        metavar="JSON",
+        help="run nothing: compare two bench.json files (the run to publish, then its repeat)",
+    )
+    bench.add_argument(
+        "--readme", default=None, metavar="FILE", help="with --compare: write FILE's bench block"
+    )
     bench.add_argument(
         "--out", default="bench-results", metavar="DIR", help="(default: bench-results)"
     )
@@ -149,9 +174,13 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"error: {INSTALL_HINT}", file=sys.stderr)
         return EXIT_SETUP
     from .bench.command import bench
-    from .lab.runner import guarded
+    from .errors import SetupError
 
-    return guarded(lambda target: bench(args, target))
+    try:
+        return bench(args)
+    except SetupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_SETUP
 
 
 def _wrap(text: str, width: int) -> str:

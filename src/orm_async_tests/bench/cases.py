@@ -19,13 +19,14 @@ names the pattern in the report; the rest says why it is fast and correct.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, Generic, Self, TypeVar
 
 from ..db import Database, open_database
 from ..settings import with_driver
@@ -82,12 +83,26 @@ class Case(Generic[H]):
 class Implementation(ABC, Generic[H]):
     """One way of talking to PostgreSQL, with a case per operation."""
 
-    key: ClassVar[str]
-    label: ClassVar[str]
+    key: str
+    label: str
     """Column title in the report."""
+    driver: str = "asyncpg"
+    """The driver under it (a SQLAlchemy column's engine uses it: see :meth:`twin`)."""
 
     def __init__(self) -> None:
         self.cases: dict[str, Case[H]] = {}
+
+    def twin(self, driver: str) -> Self:
+        """The same cases on another driver, under the key ``<key>_<driver>``: one
+        SQLAlchemy column's code on psycopg as well as on asyncpg."""
+        other = copy.copy(self)
+        other.driver = driver
+        other.key = f"{self.key}_{driver}"
+        other.label = f"{self.label} ({driver})"
+        other.cases = {
+            op: dataclasses.replace(c, implementation=other.key) for op, c in self.cases.items()
+        }
+        return other
 
     def case(self, operation: str) -> Callable[[CaseFn[H]], CaseFn[H]]:
         """Register ``fn`` as this implementation's way of doing ``operation``."""

@@ -1,23 +1,35 @@
-"""``orm-async-tests bench [--quick] [--out DIR] [--concurrency 1 10]``.
+"""``orm-async-tests bench``: run, check a repeat, compare two runs.
 
-Opens the project's database (the embedded PostgreSQL, migrated to head, or
-``DATABASE_URL``, which must be migrated) exactly as the experiments do, runs
-every cell with a progress bar on stderr, writes ``bench.json``, ``bench.md``
-and one chart per operation group into ``--out`` (``bench-results/``), and
-prints the medians and the geometric means. Exit status: 0 every cell checked
-and timed, 1 a cell failed its check (it has no number; the report says why),
-2 a setup problem (one line, through the CLI's usual error path).
+- ``bench [--quick] [--out DIR] [--concurrency 1 10] [--loop asyncio uvloop]
+  [--operations …] [--implementations …]``: opens the project's database (the
+  embedded PostgreSQL, migrated to head, or ``DATABASE_URL``, which must be
+  migrated) exactly as the experiments do, runs every cell on each event loop in
+  turn (a new loop each, from scratch), with a progress bar on stderr, writes
+  ``bench.json``, ``bench.md`` and the charts into ``--out`` and prints the
+  geometric means.
+- ``bench --repeat-check`` runs the chosen cells (default: the two primary-key
+  reads) twice, one run after the other, and shows each cell's two medians with
+  their intervals: exit 1 when a cell's two intervals do not even overlap.
+- ``bench --compare A.json B.json`` reads two runs and shows every geometric mean
+  of both, and how far B is from A: exit 1 when one differs by more than 10 %.
+  With ``--readme FILE`` it also writes the published summary into FILE's
+  ``<!-- bench: … -->`` block, and ``reproduction.md`` into ``--out``.
 
-The benchmark always talks asyncpg: with ``DB_DRIVER=psycopg`` (or a
-``postgresql+psycopg://`` URL) its SQLAlchemy engines still use asyncpg, so the
-four columns differ in the layer above the driver only.
+Exit status: 0 every cell checked and timed, 1 a cell failed its check (it has no
+number; the report says why), 2 a setup problem (one line, through the CLI's usual
+error path).
+
+The benchmark's own connection (seeding, checks) talks asyncpg; each implementation
+brings its driver (the SQLAlchemy columns on psycopg: ``… (psycopg)``).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -34,21 +46,35 @@ from rich.table import Table
 
 from .. import migrations
 from ..db import Target, open_database, resolve_target
+from ..lab.runner import guarded
 from ..settings import Settings
-from . import plots, report
+from . import plots, report, reproduce
 from .stats import times
-from .suite import BenchRun, group_count, run_bench
+from .suite import BenchRun, group_count, merged, run_bench
 
-EXIT_OK, EXIT_FAILED = 0, 1
+EXIT_OK, EXIT_FAILED, EXIT_SETUP = 0, 1, 2
+LOOPS = ("asyncio", "uvloop")
+REPEAT_CHECK_OPERATIONS = ("get_by_pk", "get_narrow")
+
+
+def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """``None`` for asyncio's default loop, uvloop's constructor for ``uvloop``."""
+    if name == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return None
 
 
 class ProgressBar:
-    """A rich progress bar over the groups of cells; called with each group's label as it starts."""
+    """A rich progress bar over the groups of cells; called with each group's label as it
+    starts. It appears with the first group (after the server answered), and says
+    ``done`` at the end only if every run got that far: a setup error stays one line."""
 
     def __init__(self, total: int, console: Console) -> None:
         self.bar = Progress(
             SpinnerColumn(),
-            TextColumn("{task.description:<40}"),
+            TextColumn("{task.description:<52}"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
@@ -56,15 +82,17 @@ class ProgressBar:
         )
         self.task = self.bar.add_task("seeding the data", total=total)
         self.started = 0
+        self.finished = False
 
     def __call__(self, label: str) -> None:
         if self.started:
             self.bar.advance(self.task)
+        else:
+            self.bar.start()
         self.started += 1
         self.bar.update(self.task, description=label)
 
     def __enter__(self) -> ProgressBar:
-        self.bar.start()
         return self
 
     def __exit__(
@@ -73,52 +101,110 @@ class ProgressBar:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc_type is None:
+        if not self.started:
+            return
+        if self.finished:
             self.bar.update(self.task, completed=self.started, description="done")
         self.bar.stop()
 
 
-async def bench(args: argparse.Namespace, target_out: list[Target]) -> int:
-    """The ``bench`` subcommand's body (run by the CLI's guarded event loop)."""
-    settings = dataclasses.replace(Settings.from_env(), driver="asyncpg")
-    target = resolve_target(settings)
-    target_out.append(target)
+def consoles() -> tuple[Console, Console]:
     # piped output (a log, CI) gets a table wide enough for its columns, not 80
-    out = Console() if sys.stdout.isatty() else Console(width=140)
-    err = Console(stderr=True)
-    async with open_database(settings, target=target) as db:
-        await db.server_version()
-        message = await migrations.prepare(db)
-        if message:
-            print(message)
-        with ProgressBar(group_count(args.concurrency), err) as progress:
-            run = await run_bench(
-                db, quick=args.quick, concurrency=args.concurrency, progress=progress
-            )
-    paths = report.write(run, Path(args.out)) + plots.write(run, Path(args.out))
-    show(run, out)
+    out = Console() if sys.stdout.isatty() else Console(width=160)
+    return out, Console(stderr=True)
+
+
+def measure(
+    args: argparse.Namespace, loops: Sequence[str], progress: ProgressBar, operations: Sequence[str]
+) -> BenchRun | int:
+    """One run per event loop, merged; or the exit status of the loop that could not run."""
+    runs: list[BenchRun] = []
+    for loop in loops:
+
+        async def one(target_out: list[Target], loop: str = loop) -> int:
+            settings = dataclasses.replace(Settings.from_env(), driver="asyncpg")
+            target = resolve_target(settings)
+            target_out.append(target)
+            async with open_database(settings, target=target) as db:
+                await db.server_version()
+                message = await migrations.prepare(db)
+                if message:
+                    print(message)
+                runs.append(
+                    await run_bench(
+                        db,
+                        quick=args.quick,
+                        concurrency=args.concurrency,
+                        progress=progress,
+                        loop=loop,
+                        operations=operations or None,
+                        implementations=args.implementations,
+                    )
+                )
+            return EXIT_OK
+
+        status = guarded(one, loop_factory(loop))
+        if status != EXIT_OK:
+            return status
+    return merged(runs)
+
+
+def bench(args: argparse.Namespace) -> int:
+    """The ``bench`` subcommand's body."""
+    out, err = consoles()
+    if args.compare:
+        return reproduce.compare_files(
+            [Path(p) for p in args.compare], Path(args.out), args.readme, out
+        )
+    loops = list(dict.fromkeys(args.loop or LOOPS))
+    operations = list(args.operations or [])
+    if args.repeat_check:
+        operations = operations or list(REPEAT_CHECK_OPERATIONS)
+        times_run = 2
+    else:
+        times_run = 1
+    total = group_count(args.concurrency, len(loops) * times_run, operations or None)
+    runs: list[BenchRun] = []
+    with ProgressBar(total, err) as progress:
+        for _ in range(times_run):
+            found = measure(args, loops, progress, operations)
+            if isinstance(found, int):
+                return found
+            runs.append(found)
+        progress.finished = True
+    if args.repeat_check:
+        return reproduce.repeat_check(runs[0], runs[1], out)
+    run = runs[0]
+    analysis = report.analyse(run)
+    paths = report.write(run, Path(args.out), analysis) + plots.write(run, Path(args.out))
+    show(run, analysis, out)
     out.print("Written: " + ", ".join(str(p) for p in paths))
     if run.failed:
         out.print(f"[bold red]{len(run.failed)} cell(s) failed[/], so they have no number:")
         for cell in run.failed:
             title = run.meta["operations"][cell.operation]["title"]
             label = run.meta["implementations"][cell.implementation]
-            out.print(f"  {title} · {label} · concurrency {cell.concurrency}: {cell.error}")
+            out.print(
+                f"  {title} · {label} · concurrency {cell.concurrency} · {cell.loop}: {cell.error}"
+            )
         return EXIT_FAILED
     return EXIT_OK
 
 
-def show(run: BenchRun, console: Console) -> None:
-    table = Table(title=report.headline(run), title_justify="left", title_style="")
-    labels = list(run.meta["implementations"].values())
-    for name in ["operation", "c", *labels, "best/asyncpg", "best/naive"]:
-        table.add_column(name, justify="left" if name == "operation" else "right")
-    for row in report.short_table(run):
-        table.add_row(*row)
-    console.print(table)
-    for level in run.concurrency:
-        g = report.geomeans(run, level)
-        console.print(
-            f"geometric means, concurrency {level}: "
-            + " · ".join(f"{report.RATIO_TITLES[n]} {times(g[n])}" for n in report.RATIOS)
-        )
+def show(run: BenchRun, analysis: report.Analysis, console: Console) -> None:
+    """Per loop and level, the headline ratios of every operation; then the geometric means."""
+    console.print(report.headline(run))
+    for loop in run.loops:
+        for level in run.concurrency:
+            ratios = analysis.ratios[loop][level]
+            names = [n for n in report.TABLE_RATIOS if n in analysis.geomeans[loop][level]]
+            table = Table(title=f"{loop}, concurrency {level}", title_justify="left")
+            for name in ["operation", *(report.RATIOS[n].title for n in names)]:
+                table.add_column(name, justify="left" if name == "operation" else "right")
+            for op, info in run.meta["operations"].items():
+                table.add_row(info["title"], *(times(ratios[op][n]) for n in names))
+            g = analysis.geomeans[loop][level]
+            table.add_row("geometric mean", *(times(g[n]) for n in names))
+            console.print(table)
+    for line in report.goal_lines(run, analysis):
+        console.print(line)

@@ -99,7 +99,7 @@ from .operations import SmallFilter, Update
 
 class SqlalchemyBest(Implementation[AsyncConnection]):
     key = "sqlalchemy_best"
-    label = "SQLAlchemy best"
+    label = "SA best Core"
 
     def __init__(self) -> None:
         super().__init__()
@@ -107,7 +107,7 @@ class SqlalchemyBest(Implementation[AsyncConnection]):
         self.autocommit: AsyncEngine | None = None
 
     async def open(self, env: Environment) -> None:
-        self.db = env.open_database(pool_use_lifo=True)
+        self.db = env.open_database(self.driver, pool_use_lifo=True)
         self.autocommit = self.db.engine.execution_options(isolation_level="AUTOCOMMIT")
 
     @asynccontextmanager

@@ -29,14 +29,14 @@ from .operations import SmallFilter, Update
 
 class SqlalchemyNaive(Implementation[AsyncSession]):
     key = "sqlalchemy_naive"
-    label = "SQLAlchemy naive"
+    label = "SA naive"
 
     def __init__(self) -> None:
         super().__init__()
         self.db: Database | None = None
 
     async def open(self, env: Environment) -> None:
-        self.db = env.open_database()
+        self.db = env.open_database(self.driver)
 
     @asynccontextmanager
     async def task(self) -> AsyncIterator[AsyncSession]:

@@ -1,84 +1,195 @@
-"""A run as JSON and as Markdown: medians (min-max), ratios per operation, geometric means.
+"""A run as JSON and as Markdown: medians with intervals, ratios, geometric means, the goals.
 
-Ratios are of medians, in operations per second: ``best/asyncpg = 0.62x`` means
-the best SQLAlchemy pattern did 62 % of raw asyncpg's operations per second;
-``best/naive = 3.1x`` that it did 3.1 times as many as the naive ORM code. A
-geometric mean is taken over the operations where both cells have a number.
+Ratios are of medians, in operations per second: ``core/asyncpg = 0.62x`` means
+SA best Core did 62 % of raw asyncpg's operations per second. Each figure comes
+with its 95 % interval (:mod:`.stats`). A geometric mean is taken over the
+operations where both cells have a number. :func:`analyse` computes every
+estimate once; the Markdown, the console and the JSON read it.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .runner import Cell
-from .stats import DASH, TIMES, Summary, geomean, number, ratio, times
+from .stats import DASH, TIMES, Estimate, Summary, geomean_of, ratio
 from .suite import BenchRun
 
-ASYNCPG, NAIVE, BEST, TORTOISE = "asyncpg", "sqlalchemy_naive", "sqlalchemy_best", "tortoise"
+ASYNCPG, PSYCOPG, TORTOISE, PICCOLO = "asyncpg", "psycopg", "tortoise", "piccolo"
+NAIVE, BEST, ORM = "sqlalchemy_naive", "sqlalchemy_best", "sqlalchemy_orm"
+BEST_PSYCOPG, ORM_PSYCOPG = f"{BEST}_psycopg", f"{ORM}_psycopg"
 
-RATIOS: dict[str, tuple[str, str]] = {
-    "best/asyncpg": (BEST, ASYNCPG),
-    "best/tortoise": (BEST, TORTOISE),
-    "naive/asyncpg": (NAIVE, ASYNCPG),
-    "naive/tortoise": (NAIVE, TORTOISE),
-    "best/naive": (BEST, NAIVE),
-    "tortoise/asyncpg": (TORTOISE, ASYNCPG),
+
+class RatioOf(NamedTuple):
+    numerator: str
+    denominator: str
+    title: str
+
+
+RATIOS: dict[str, RatioOf] = {
+    "core/asyncpg": RatioOf(BEST, ASYNCPG, "SA best Core / asyncpg"),
+    "orm/tortoise": RatioOf(ORM, TORTOISE, "SA best ORM / Tortoise"),
+    "orm/piccolo": RatioOf(ORM, PICCOLO, "SA best ORM / Piccolo"),
+    "orm/asyncpg": RatioOf(ORM, ASYNCPG, "SA best ORM / asyncpg"),
+    "naive/asyncpg": RatioOf(NAIVE, ASYNCPG, "SA naive / asyncpg"),
+    "naive/tortoise": RatioOf(NAIVE, TORTOISE, "SA naive / Tortoise"),
+    "core/naive": RatioOf(BEST, NAIVE, "SA best Core / SA naive"),
+    "core_psycopg/psycopg": RatioOf(BEST_PSYCOPG, PSYCOPG, "SA best Core / psycopg (on psycopg)"),
+    "orm_psycopg/orm": RatioOf(ORM_PSYCOPG, ORM, "SA best ORM on psycopg / on asyncpg"),
+    "psycopg/asyncpg": RatioOf(PSYCOPG, ASYNCPG, "psycopg / asyncpg"),
+    "tortoise/asyncpg": RatioOf(TORTOISE, ASYNCPG, "Tortoise / asyncpg"),
+    "piccolo/asyncpg": RatioOf(PICCOLO, ASYNCPG, "Piccolo / asyncpg"),
 }
-"""Each ratio's name → (numerator, denominator) implementation."""
+"""Each ratio's name → (numerator, denominator, title)."""
 
-TABLE_RATIOS = ("best/asyncpg", "best/tortoise", "naive/asyncpg", "naive/tortoise", "best/naive")
-RATIO_TITLES = {
-    "best/asyncpg": "best SA / asyncpg",
-    "best/tortoise": "best SA / Tortoise",
-    "naive/asyncpg": "naive SA / asyncpg",
-    "naive/tortoise": "naive SA / Tortoise",
-    "best/naive": "best SA / naive SA",
-    "tortoise/asyncpg": "Tortoise / asyncpg",
-}
+TABLE_RATIOS = ("core/asyncpg", "orm/tortoise", "orm/piccolo", "naive/asyncpg", "psycopg/asyncpg")
+"""The ratio columns of each concurrency level's table (every ratio is in the JSON)."""
 
 
-def summary_of(run: BenchRun, operation: str, implementation: str, level: int) -> Summary | None:
-    cell = run.cell(operation, implementation, level)
+class Goal(NamedTuple):
+    ratio: str
+    target: float
+    on: str
+    """``geomean``: the geometric mean must reach it; ``every``: every operation must."""
+
+
+GOALS = (
+    Goal("core/asyncpg", 0.7, "geomean"),
+    Goal("orm/tortoise", 1.0, "every"),
+    Goal("orm/piccolo", 1.0, "every"),
+)
+"""Issue 12's goals (benchmarked, never a timed test)."""
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """Every estimate of a run: ``ratios[loop][level][op][name]``, ``geomeans[loop][level][name]``,
+    and ``loop_ratios[impl][level]`` (the second loop over the first, geometric mean)."""
+
+    ratios: dict[str, dict[int, dict[str, dict[str, Estimate | None]]]]
+    geomeans: dict[str, dict[int, dict[str, Estimate | None]]]
+    loop_ratios: dict[str, dict[int, Estimate | None]]
+
+
+def summary_of(
+    run: BenchRun, operation: str, implementation: str, level: int, loop: str = "asyncio"
+) -> Summary | None:
+    cell = run.cell(operation, implementation, level, loop)
     return cell.summary if cell is not None else None
 
 
-def ratios(run: BenchRun, operation: str, level: int) -> dict[str, float | None]:
-    return {
-        name: ratio(
-            summary_of(run, operation, top, level), summary_of(run, operation, bottom, level)
-        )
-        for name, (top, bottom) in RATIOS.items()
-    }
+def analyse(run: BenchRun) -> Analysis:
+    ops = list(run.meta["operations"])
+    present = [n for n, r in RATIOS.items() if {r.numerator, r.denominator} <= _impls(run)]
+    ratios: dict[str, dict[int, dict[str, dict[str, Estimate | None]]]] = {}
+    geomeans: dict[str, dict[int, dict[str, Estimate | None]]] = {}
+    for loop in run.loops:
+        ratios[loop], geomeans[loop] = {}, {}
+        for level in run.concurrency:
+
+            def pair(op: str, name: str) -> tuple[Summary | None, Summary | None]:
+                r = RATIOS[name]
+                return (
+                    summary_of(run, op, r.numerator, level, loop),  # noqa: B023
+                    summary_of(run, op, r.denominator, level, loop),  # noqa: B023
+                )
+
+            ratios[loop][level] = {op: {n: ratio(*pair(op, n)) for n in present} for op in ops}
+            geomeans[loop][level] = {n: geomean_of(pair(op, n) for op in ops) for n in present}
+    loop_ratios: dict[str, dict[int, Estimate | None]] = {}
+    if len(run.loops) > 1:
+        first, second = run.loops[:2]
+        for impl in run.meta["implementations"]:
+            loop_ratios[impl] = {
+                level: geomean_of(
+                    (
+                        summary_of(run, op, impl, level, second),
+                        summary_of(run, op, impl, level, first),
+                    )
+                    for op in ops
+                )
+                for level in run.concurrency
+            }
+    return Analysis(ratios, geomeans, loop_ratios)
 
 
-def geomeans(run: BenchRun, level: int) -> dict[str, float | None]:
-    per_op = [ratios(run, op, level) for op in run.meta["operations"]]
-    return {name: geomean(r[name] for r in per_op) for name in RATIOS}
+def _impls(run: BenchRun) -> set[str]:
+    return set(run.meta["implementations"])
 
 
-def to_json(run: BenchRun) -> dict[str, Any]:
+def _estimate(e: Estimate | None) -> dict[str, float] | None:
+    return None if e is None else asdict(e)
+
+
+def to_json(run: BenchRun, analysis: Analysis) -> dict[str, Any]:
     def cell(c: Cell) -> dict[str, Any]:
         s = c.summary
         return {
             **asdict(c),
             "median": s.median if s else None,
-            "min": s.low if s else None,
-            "max": s.high if s else None,
+            "low": s.low if s else None,
+            "high": s.high if s else None,
         }
 
-    levels = run.concurrency
     return {
         "meta": run.meta,
         "cells": [cell(c) for c in run.cells],
         "ratios": {
-            str(level): {op: ratios(run, op, level) for op in run.meta["operations"]}
-            for level in levels
+            loop: {
+                str(level): {
+                    op: {n: _estimate(e) for n, e in per_op.items()} for op, per_op in ops.items()
+                }
+                for level, ops in levels.items()
+            }
+            for loop, levels in analysis.ratios.items()
         },
-        "geomeans": {str(level): geomeans(run, level) for level in levels},
+        "geomeans": {
+            loop: {
+                str(level): {n: _estimate(e) for n, e in names.items()}
+                for level, names in levels.items()
+            }
+            for loop, levels in analysis.geomeans.items()
+        },
+        "loop_ratios": {
+            impl: {str(level): _estimate(e) for level, e in levels.items()}
+            for impl, levels in analysis.loop_ratios.items()
+        },
+        "goals": goals(run, analysis),
     }
+
+
+def goals(run: BenchRun, analysis: Analysis) -> list[dict[str, Any]]:
+    """Each goal on each loop and level: met or not, by how much, and where it is missed."""
+    found = []
+    for goal in GOALS:
+        for loop in run.loops:
+            for level in run.concurrency:
+                g = analysis.geomeans[loop][level].get(goal.ratio)
+                if g is None:
+                    continue
+                per_op = {
+                    op: e
+                    for op, names in analysis.ratios[loop][level].items()
+                    if (e := names.get(goal.ratio)) is not None
+                }
+                missed = {op: e.value for op, e in per_op.items() if e.value < goal.target}
+                met = g.value >= goal.target if goal.on == "geomean" else not missed
+                found.append(
+                    {
+                        "ratio": goal.ratio,
+                        "target": goal.target,
+                        "on": goal.on,
+                        "loop": loop,
+                        "concurrency": level,
+                        "geomean": asdict(g),
+                        "met": met,
+                        "missed_on": missed,
+                    }
+                )
+    return found
 
 
 def headline(run: BenchRun) -> str:
@@ -89,60 +200,97 @@ def headline(run: BenchRun) -> str:
     return (
         f"{m['date'][:10]} · PostgreSQL {m['postgresql']} ({m['database']}) · "
         f"Python {v['python']} · SQLAlchemy {v['sqlalchemy']} · asyncpg {v['asyncpg']} · "
-        f"tortoise-orm {v['tortoise-orm']} · {m['cpus']} CPUs · {mode}: "
-        f"{plan['repeats']} timed runs of ~{plan['target']} s per cell, "
+        f"psycopg {v['psycopg']} · tortoise-orm {v['tortoise-orm']} · piccolo {v['piccolo']} · "
+        f"uvloop {v['uvloop']} · {m['cpus']} CPUs · {mode}: {plan['repeats']} interleaved "
+        f"rounds of ~{plan['target']} s per cell, loops {', '.join(run.loops)}, "
         f"{m.get('seconds', '?')} s in all"
     )
 
 
-def markdown(run: BenchRun, *, title: str = "Benchmark") -> str:
+def load_lines(run: BenchRun) -> list[str]:
+    out = []
+    for loop, info in run.meta.get("per_loop", {}).items():
+        load = info["load"]
+        busy = load["cpus_busy"]
+        own = load["this_process"]
+        out.append(
+            f"- {loop}: {info['seconds']} s; load average {load['load_average_start']} → "
+            f"{load['load_average_end']}; all CPUs busy "
+            f"{DASH if busy is None else f'{busy:.0%}'}, this process "
+            f"{DASH if own is None else f'{own:.0%}'} of them (the server's backends and "
+            "anything else running: the rest)"
+        )
+    return out
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _shown(e: Estimate | None) -> str:
+    return DASH if e is None else e.shown()
+
+
+def markdown(run: BenchRun, analysis: Analysis, *, title: str = "Benchmark") -> str:
     m = run.meta
     impls: dict[str, str] = m["implementations"]
-    out = [f"# {title}", "", headline(run), ""]
-    out.append(
-        f"Operations per second: median of the timed runs (min{DASH}max). Ratios are of "
-        f"medians: `best/asyncpg 0.500{TIMES}` = half of raw asyncpg's rate; "
-        f"`best/naive 3.00{TIMES}` = three times the naive ORM code's."
-    )
-    for level in run.concurrency:
-        out += ["", f"## Concurrency {level}", ""]
-        head = ["operation", *impls.values(), *TABLE_RATIOS]
-        out.append("| " + " | ".join(head) + " |")
-        out.append("|" + "---|" * len(head))
-        for op, info in m["operations"].items():
-            cells = []
-            for key in impls:
-                cell = run.cell(op, key, level)
-                s = cell.summary if cell is not None else None
-                cells.append(s.shown() if s else "**failed**")
-            r = ratios(run, op, level)
-            out.append(
-                "| "
-                + " | ".join([info["title"], *cells, *(times(r[n]) for n in TABLE_RATIOS)])
-                + " |"
-            )
-        g = geomeans(run, level)
-        filler = [""] * len(impls)
-        out.append(
-            "| "
-            + " | ".join(
-                ["**geometric mean**", *filler, *(f"**{times(g[n])}**" for n in TABLE_RATIOS)]
-            )
-            + " |"
-        )
+    ops: dict[str, dict[str, str]] = m["operations"]
+    out = [f"# {title}", "", headline(run), "", "Machine load during the run:", ""]
+    out += load_lines(run)
+    out += [
+        "",
+        f"Operations per second: the median of the timed rounds, and in brackets its 95 % "
+        f"interval. Ratios are of medians, with a 95 % paired-bootstrap interval: "
+        f"`core/asyncpg 0.500{TIMES}` = half of raw asyncpg's rate.",
+    ]
+    out += ["", "## Goals", ""]
+    out += goal_lines(run, analysis)
     out += ["", "## Geometric means over the operations", ""]
-    out.append("| ratio | " + " | ".join(f"concurrency {lv}" for lv in run.concurrency) + " |")
-    out.append("|---|" + "---|" * len(run.concurrency))
-    all_g = {lv: geomeans(run, lv) for lv in run.concurrency}
-    for name in RATIOS:
+    columns = [(loop, level) for loop in run.loops for level in run.concurrency]
+    out.append(_row(["ratio", *(f"{loop}, concurrency {level}" for loop, level in columns)]))
+    out.append("|---|" + "---|" * len(columns))
+    names = list(analysis.geomeans[run.loops[0]][run.concurrency[0]])
+    for name in names:
         out.append(
-            f"| {RATIO_TITLES[name]} | "
-            + " | ".join(times(all_g[lv][name]) for lv in run.concurrency)
-            + " |"
+            _row(
+                [RATIOS[name].title]
+                + [_shown(analysis.geomeans[loop][level][name]) for loop, level in columns]
+            )
         )
+    if analysis.loop_ratios:
+        second, first = run.loops[1], run.loops[0]
+        out += ["", f"## {second} against {first}", ""]
+        out.append(
+            f"Geometric mean over the operations of each implementation's rate on {second} "
+            f"divided by its rate on {first} (separate runs, so the interval is wider)."
+        )
+        out += ["", _row(["implementation", *(f"concurrency {lv}" for lv in run.concurrency)])]
+        out.append("|---|" + "---|" * len(run.concurrency))
+        for impl, levels in analysis.loop_ratios.items():
+            out.append(_row([impls[impl], *(_shown(levels[lv]) for lv in run.concurrency)]))
+    for loop in run.loops:
+        for level in run.concurrency:
+            out += ["", f"## {loop}, concurrency {level}: operations per second", ""]
+            out.append(_row(["operation", *impls.values()]))
+            out.append("|---|" + "---|" * len(impls))
+            for op, info in ops.items():
+                cells = []
+                for key in impls:
+                    s = summary_of(run, op, key, level, loop)
+                    cells.append(s.shown() if s else "**failed**")
+                out.append(_row([info["title"], *cells]))
+            shown = [n for n in TABLE_RATIOS if n in analysis.geomeans[loop][level]]
+            out += ["", f"Ratios, {loop}, concurrency {level}:", ""]
+            out.append(_row(["operation", *(RATIOS[n].title for n in shown)]))
+            out.append("|---|" + "---|" * len(shown))
+            for op, info in ops.items():
+                r = analysis.ratios[loop][level][op]
+                out.append(_row([info["title"], *(_shown(r[n]) for n in shown)]))
+            g = analysis.geomeans[loop][level]
+            out.append(_row(["**geometric mean**", *(f"**{_shown(g[n])}**" for n in shown)]))
     out += ["", "## What each cell runs", ""]
     patterns: dict[str, dict[str, str]] = m["patterns"]
-    for op, info in m["operations"].items():
+    for op, info in ops.items():
         out.append(f"- **{info['title']}** — {info['one_op']}:")
         for key, label in impls.items():
             out.append(f"  - {label}: {patterns.get(key, {}).get(op, DASH)}")
@@ -150,40 +298,40 @@ def markdown(run: BenchRun, *, title: str = "Benchmark") -> str:
         out += ["", "## Failed cells", ""]
         for c in run.failed:
             out.append(
-                f"- {m['operations'][c.operation]['title']} · {impls[c.implementation]} · "
-                f"concurrency {c.concurrency}: {c.error}"
+                f"- {ops[c.operation]['title']} · {impls[c.implementation]} · "
+                f"concurrency {c.concurrency} · {c.loop}: {c.error}"
             )
     out.append("")
     return "\n".join(out)
 
 
-def write(run: BenchRun, directory: Path) -> list[Path]:
+def goal_lines(run: BenchRun, analysis: Analysis) -> list[str]:
+    lines = []
+    ops = run.meta["operations"]
+    for g in goals(run, analysis):
+        r = RATIOS[g["ratio"]]
+        where = "geometric mean" if g["on"] == "geomean" else "every operation"
+        mean = Estimate(**g["geomean"])
+        verdict = "**met**" if g["met"] else "**missed**"
+        line = (
+            f"- {r.title} ≥ {g['target']}{TIMES} on {where}, {g['loop']}, concurrency "
+            f"{g['concurrency']}: {verdict} (geometric mean {mean.shown()})"
+        )
+        if g["missed_on"]:
+            below = ", ".join(
+                f"{ops[op]['title']} {value:.2f}{TIMES}" for op, value in g["missed_on"].items()
+            )
+            line += f"; below {g['target']}{TIMES} on: {below}"
+        lines.append(line)
+    return lines or ["- (the implementations the goals compare were not in this run)"]
+
+
+def write(run: BenchRun, directory: Path, analysis: Analysis | None = None) -> list[Path]:
     """``bench.json`` and ``bench.md`` in ``directory`` (created); their paths."""
+    analysis = analysis or analyse(run)
     directory.mkdir(parents=True, exist_ok=True)
     json_path = directory / "bench.json"
     md_path = directory / "bench.md"
-    json_path.write_text(json.dumps(to_json(run), indent=2) + "\n", encoding="utf-8")
-    md_path.write_text(markdown(run), encoding="utf-8")
+    json_path.write_text(json.dumps(to_json(run, analysis), indent=2) + "\n", encoding="utf-8")
+    md_path.write_text(markdown(run, analysis), encoding="utf-8")
     return [json_path, md_path]
-
-
-def short_table(run: BenchRun) -> list[list[str]]:
-    """Rows for the console: operation, concurrency, the four medians, best/asyncpg, best/naive."""
-    rows = []
-    for op, info in run.meta["operations"].items():
-        for level in run.concurrency:
-            medians = []
-            for key in run.meta["implementations"]:
-                s = summary_of(run, op, key, level)
-                medians.append(number(s.median) if s else "failed")
-            r = ratios(run, op, level)
-            rows.append(
-                [
-                    info["title"],
-                    str(level),
-                    *medians,
-                    times(r["best/asyncpg"]),
-                    times(r["best/naive"]),
-                ]
-            )
-    return rows

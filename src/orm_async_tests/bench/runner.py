@@ -55,7 +55,8 @@ class Plan:
     """A check, warm-up or timed run still going after this many seconds fails its cell."""
 
 
-FULL_PLAN = Plan(repeats=7, target=0.35)
+FULL_PLAN = Plan(repeats=12, target=0.1)
+"""12 rounds: the median's 95 % interval is the 3rd to 10th sample (:func:`.stats.median_rank`)."""
 QUICK_PLAN = Plan(repeats=3, target=0.02, max_ops=2_000, step_timeout=60.0)
 
 
@@ -64,6 +65,8 @@ class Cell:
     operation: str
     implementation: str
     concurrency: int
+    loop: str = "asyncio"
+    """The event loop it ran on (``asyncio``'s default, or ``uvloop``)."""
     samples: list[float] = field(default_factory=list)
     ops_per_run: int = 0
     seconds: float = 0.0
@@ -128,10 +131,11 @@ async def run_group(
     concurrency: int,
     data: Dataset,
     plan: Plan,
+    loop: str = "asyncio",
 ) -> list[Cell]:
     """Check, warm up and time one cell per implementation; failures are recorded in
     the cells (with no samples), never raised."""
-    cells = [Cell(op.key, impl.key, concurrency) for impl in impls]
+    cells = [Cell(op.key, impl.key, concurrency, loop) for impl in impls]
     timed: list[tuple[Cell, Implementation[Any], Case[Any]]] = []
     for cell, impl in zip(cells, impls, strict=True):
         case = impl.cases.get(op.key)

@@ -25,7 +25,7 @@ from typing import Any
 
 from .. import migrations
 from ..db import Database, Target, open_database, resolve_target
-from ..errors import explain, first_line
+from ..errors import SetupError, explain, first_line
 from ..settings import Settings, redacted
 from .catalogue import catalogue
 from .progress import Progress
@@ -55,20 +55,25 @@ def run_guarded(plan: Sequence[Planned]) -> int:
     return guarded(lambda target: run_plan(plan, target))
 
 
-def guarded(main: Callable[[list[Target]], Coroutine[Any, Any, int]]) -> int:
-    """Run ``main`` in a new event loop; a setup error becomes one line and exit status 2.
+def guarded(
+    main: Callable[[list[Target]], Coroutine[Any, Any, int]],
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
+) -> int:
+    """Run ``main`` in a new event loop (``loop_factory``'s: uvloop's, say); a setup
+    error becomes one line and exit status 2.
 
     ``main`` appends the :class:`Target` it resolved, so the line can name the server.
     """
     target: list[Target] = []
     try:
-        return asyncio.run(main(target))
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(main(target))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         raise  # the reader left (`| head`): scripts.reader_may_leave ends quietly
-    except (BadSizes, ReportError) as exc:
+    except (BadSizes, ReportError, SetupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_SETUP
     except Exception as exc:
