@@ -142,8 +142,10 @@ def docs(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """The benchmark (`orm-async-tests bench`): JSON, Markdown and charts in bench-results/.
 
-    Against the embedded PostgreSQL, or DATABASE_URL (migrated); `nox -s bench -- --quick`
-    for a short run, `-- --out DIR`, `-- --concurrency 1 10`.
+    Against the embedded PostgreSQL, or DATABASE_URL (migrated), on asyncio's loop and
+    then uvloop; `nox -s bench -- --quick` for a short run, `-- --out DIR`,
+    `-- --concurrency 1 10`, `-- --repeat-check`, `-- --compare A.json B.json`,
+    `-- --profile` (see docs/benchmarks.md).
     """
     install(session, "dev,bench")
     session.run("orm-async-tests", "bench", *session.posargs)

@@ -7,6 +7,7 @@ produced a positive rate.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from contextlib import AbstractAsyncContextManager
@@ -414,4 +415,59 @@ def test_compare_of_a_file_that_is_not_a_run_is_one_line(tmp_path: Path) -> None
     assert ran.code == 2, ran.text
     assert ran.err.startswith("error: ")
     assert "is not a bench.json" in ran.err
+    assert ran.err.count("\n") == 1
+
+
+@needs_bench_group
+def test_repeat_check_tells_overlapping_intervals_from_disjoint_ones() -> None:
+    from rich.console import Console
+
+    from orm_async_tests.bench.reproduce import repeat_check
+
+    quiet = Console(file=io.StringIO(), width=200)
+    same, slower = fake_run(1.0), fake_run(1.02)
+    assert repeat_check(same, slower, quiet) == 0
+    assert "4 of 4 cells reproduced" in quiet.file.getvalue()  # type: ignore[attr-defined]
+    assert repeat_check(same, fake_run(1.5), quiet) == 1  # asyncpg's cells moved by 50 %
+
+
+@needs_bench_group
+def test_bench_runs_on_both_event_loops_from_the_command_line(tmp_path: Path) -> None:
+    """The CLI's run: each loop in turn, merged into one report (two cheap cells)."""
+    ran = run_command(
+        "orm-async-tests",
+        "bench",
+        "--quick",
+        "--concurrency",
+        "1",
+        "--loop",
+        "asyncio",
+        "uvloop",
+        "--operations",
+        "get_narrow",
+        "--implementations",
+        "asyncpg",
+        "sqlalchemy_best",
+        "--out",
+        str(tmp_path),
+    )
+    assert ran.code == 0, ran.text
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["meta"]["loops"] == ["asyncio", "uvloop"]
+    assert {(c["implementation"], c["loop"]) for c in data["cells"]} == {
+        (impl, loop) for impl in ("asyncpg", "sqlalchemy_best") for loop in ("asyncio", "uvloop")
+    }
+    assert set(data["meta"]["per_loop"]) == {"asyncio", "uvloop"}
+    assert data["loop_ratios"]["asyncpg"]["1"]["value"] > 0
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [
+        "bench-reads-uvloop.png",
+        "bench-reads.png",
+    ]
+
+
+@needs_bench_group
+def test_an_unknown_operation_is_one_line() -> None:
+    ran = run_command("orm-async-tests", "bench", "--quick", "--operations", "get_by_name")
+    assert ran.code == 2, ran.text
+    assert ran.err.startswith("error: no operation get_by_name: one of get_by_pk, ")
     assert ran.err.count("\n") == 1

@@ -105,6 +105,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--readme", default=None, metavar="FILE", help="with --compare: write FILE's bench block"
     )
     bench.add_argument(
+        "--profile",
+        action="store_true",
+        help="break a primary-key read's cost down by layer, then time the attempts to "
+        "close the gap (profile.md, attempts.md)",
+    )
+    bench.add_argument(
         "--out", default="bench-results", metavar="DIR", help="(default: bench-results)"
     )
     bench.add_argument(

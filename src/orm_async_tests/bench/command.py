@@ -32,6 +32,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from rich.console import Console
 from rich.progress import (
@@ -149,9 +150,79 @@ def measure(
     return merged(runs)
 
 
+PROFILED = (("get_by_pk", 1), ("get_by_pk", 10), ("get_narrow", 10))
+"""The (operation, concurrency) pairs ``--profile`` breaks down."""
+PROFILE_OPS = 5_000
+
+
+def profile(args: argparse.Namespace, console: Console) -> int:
+    """``--profile``: where a primary-key read's microseconds go, then the attempts."""
+    from . import attempts, profile as profiler
+    from .runner import FULL_PLAN, QUICK_PLAN
+    from .suite import chosen
+
+    keys = ("asyncpg", "sqlalchemy_best", "sqlalchemy_orm", "sqlalchemy_naive")
+    impls = [impl for key in keys for impl in chosen(None, [key])[1]]
+    directory = Path(args.out)
+    written: list[Path] = []
+
+    async def main(target_out: list[Target]) -> int:
+        settings = dataclasses.replace(Settings.from_env(), driver="asyncpg")
+        target = resolve_target(settings)
+        target_out.append(target)
+        async with open_database(settings, target=target) as db:
+            await db.server_version()
+            message = await migrations.prepare(db)
+            if message:
+                print(message)
+            runs = []
+            for operation, level in PROFILED:
+                console.print(f"profiling {operation} at concurrency {level} …")
+                ops = PROFILE_OPS // 10 if args.quick else PROFILE_OPS
+                runs.append(await profiler.run_profile(db, impls, operation, ops, level))
+            written.extend(write_profiles(runs, directory))
+            console.print("timing the attempts …")
+            found = await attempts.run_attempts(
+                db, args.concurrency, QUICK_PLAN if args.quick else FULL_PLAN
+            )
+            written.extend(attempts.write(found, directory))
+        return EXIT_OK
+
+    status = guarded(main)
+    if written:
+        console.print("Written: " + ", ".join(str(p) for p in written))
+    return status
+
+
+def write_profiles(runs: Sequence[Any], directory: Path) -> list[Path]:
+    """One page (``profile.md``), one JSON (``profile.json``) and a chart per profile."""
+    import json
+
+    from . import profile as profiler
+
+    directory.mkdir(parents=True, exist_ok=True)
+    pages, charts = [], []
+    for run in runs:
+        name = f"profile-{run.meta['operation']}-c{run.meta['concurrency']}.png"
+        charts.append(profiler.chart(run, directory / name))
+        page = profiler.markdown(
+            run, title=f"{run.meta['title']}, concurrency {run.meta['concurrency']}"
+        )
+        pages.append(page.replace("# ", "## ", 1) + f"\n![breakdown]({name})\n")
+    md = directory / "profile.md"
+    md.write_text("# Where the microseconds go\n\n" + "\n".join(pages), encoding="utf-8")
+    data = directory / "profile.json"
+    data.write_text(
+        json.dumps([profiler.to_json(r) for r in runs], indent=2) + "\n", encoding="utf-8"
+    )
+    return [data, md, *charts]
+
+
 def bench(args: argparse.Namespace) -> int:
     """The ``bench`` subcommand's body."""
     out, err = consoles()
+    if args.profile:
+        return profile(args, out)
     if args.compare:
         return reproduce.compare_files(
             [Path(p) for p in args.compare], Path(args.out), args.readme, out

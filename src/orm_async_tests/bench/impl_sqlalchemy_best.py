@@ -12,8 +12,11 @@ Four things win, measured while choosing them (the table below):
    every column) skips the identity map, instance state and attribute
    instrumentation: most of an ORM read's cost. The columns are the ones the
    ORM would load.
-3. **An AUTOCOMMIT connection per task** (``engine.execution_options(
-   isolation_level="AUTOCOMMIT")``, sharing the engine's pool). SQLAlchemy's
+3. **An AUTOCOMMIT connection per task**, from an engine made with
+   ``isolation_level="AUTOCOMMIT"``. (Not ``engine.execution_options(
+   isolation_level=...)``: that ``OptionEngine`` sets the level through an event
+   listener, and an engine with any listener dispatches four events on every execute:
+   see :mod:`.attempts`, where it was measured.) SQLAlchemy's
    asyncpg dialect otherwise sends ``BEGIN`` before the first statement and
    ``COMMIT`` after: three round trips for a one-statement write. Every op here
    is ONE statement (the relationship load: two reads, which under READ
@@ -107,8 +110,8 @@ class SqlalchemyBest(Implementation[AsyncConnection]):
         self.autocommit: AsyncEngine | None = None
 
     async def open(self, env: Environment) -> None:
-        self.db = env.open_database(self.driver, pool_use_lifo=True)
-        self.autocommit = self.db.engine.execution_options(isolation_level="AUTOCOMMIT")
+        self.db = env.open_database(self.driver, pool_use_lifo=True, isolation_level="AUTOCOMMIT")
+        self.autocommit = self.db.engine
 
     @asynccontextmanager
     async def task(self) -> AsyncIterator[AsyncConnection]:

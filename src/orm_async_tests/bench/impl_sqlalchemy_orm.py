@@ -8,8 +8,8 @@ goes through the ``AsyncSession``. What makes it fast, beside the naive column:
 1. **ORM statements built once, at import** (``select(User).where(User.id ==
    bindparam(...))``): compiled once per engine, prepared once per connection; an
    op binds values, where building the statement per call walks its cache key.
-2. **An AUTOCOMMIT session per task** (``async_sessionmaker`` bound to
-   ``engine.execution_options(isolation_level="AUTOCOMMIT")``): one statement per
+2. **An AUTOCOMMIT session per task** (``async_sessionmaker`` bound to an engine
+   made with ``isolation_level="AUTOCOMMIT"``, as SA best Core's): one statement per
    op is its own transaction, no ``BEGIN``/``COMMIT`` round trips; the session keeps
    its connection for all of the task's ops (it is never committed, so never hands
    the connection back to the pool between ops). Every write op is one statement,
@@ -50,9 +50,8 @@ class SqlalchemyOrm(Implementation[AsyncSession]):
         self.sessions: async_sessionmaker[AsyncSession] | None = None
 
     async def open(self, env: Environment) -> None:
-        self.db = env.open_database(self.driver, pool_use_lifo=True)
-        autocommit = self.db.engine.execution_options(isolation_level="AUTOCOMMIT")
-        self.sessions = async_sessionmaker(autocommit, expire_on_commit=False)
+        self.db = env.open_database(self.driver, pool_use_lifo=True, isolation_level="AUTOCOMMIT")
+        self.sessions = async_sessionmaker(self.db.engine, expire_on_commit=False)
 
     @asynccontextmanager
     async def task(self) -> AsyncIterator[AsyncSession]:

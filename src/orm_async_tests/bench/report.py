@@ -103,14 +103,18 @@ def analyse(run: BenchRun) -> Analysis:
     if len(run.loops) > 1:
         first, second = run.loops[:2]
         for impl in run.meta["implementations"]:
-            loop_ratios[impl] = {
-                level: geomean_of(
-                    (
-                        summary_of(run, op, impl, level, second),
-                        summary_of(run, op, impl, level, first),
-                    )
-                    for op in ops
+
+            def across(
+                op: str, level: int, impl: str = impl
+            ) -> tuple[Summary | None, Summary | None]:
+                return (
+                    summary_of(run, op, impl, level, second),
+                    summary_of(run, op, impl, level, first),
                 )
+
+            # the loops ran one after the other: not paired
+            loop_ratios[impl] = {
+                level: geomean_of([across(op, level) for op in ops], paired=False)
                 for level in run.concurrency
             }
     return Analysis(ratios, geomeans, loop_ratios)

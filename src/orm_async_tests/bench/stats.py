@@ -101,9 +101,12 @@ def _resample(values: Sequence[float], rng: random.Random) -> float:
     return statistics.median(rng.choices(values, k=len(values)))
 
 
-def _paired(top: Sequence[float], bottom: Sequence[float], rng: random.Random) -> float:
-    """One bootstrap replicate of the ratio of medians, whole rounds resampled."""
-    if len(top) != len(bottom):  # not timed side by side: resample each on its own
+def _paired(
+    top: Sequence[float], bottom: Sequence[float], rng: random.Random, paired: bool = True
+) -> float:
+    """One bootstrap replicate of the ratio of medians: whole rounds resampled when the
+    two were timed side by side (``paired``), else each side on its own."""
+    if not paired or len(top) != len(bottom):
         return _resample(top, rng) / _resample(bottom, rng)
     rounds = rng.choices(range(len(top)), k=len(top))
     return statistics.median(top[r] for r in rounds) / statistics.median(bottom[r] for r in rounds)
@@ -116,18 +119,22 @@ def _interval(replicates: list[float]) -> tuple[float, float]:
     return replicates[round(tail * last)], replicates[round((1 - tail) * last)]
 
 
-def ratio(numerator: Summary | None, denominator: Summary | None) -> Estimate | None:
+def ratio(
+    numerator: Summary | None, denominator: Summary | None, *, paired: bool = True
+) -> Estimate | None:
     """``numerator.median / denominator.median`` with its interval; ``None`` when either
-    cell has no number."""
+    cell has no number. ``paired=False`` for cells not timed in the same rounds."""
     if numerator is None or denominator is None:
         return None
     rng = random.Random(SEED)
     top, bottom = numerator.samples, denominator.samples
-    low, high = _interval([_paired(top, bottom, rng) for _ in range(BOOTSTRAP)])
+    low, high = _interval([_paired(top, bottom, rng, paired) for _ in range(BOOTSTRAP)])
     return Estimate(numerator.median / denominator.median, low, high)
 
 
-def geomean_of(pairs: Iterable[tuple[Summary | None, Summary | None]]) -> Estimate | None:
+def geomean_of(
+    pairs: Iterable[tuple[Summary | None, Summary | None]], *, paired: bool = True
+) -> Estimate | None:
     """Geometric mean over the pairs where both cells have a number, of the ratio of
     their medians, with its bootstrap interval; ``None`` when no pair has both."""
     present = [(a, b) for a, b in pairs if a is not None and b is not None]
@@ -138,7 +145,7 @@ def geomean_of(pairs: Iterable[tuple[Summary | None, Summary | None]]) -> Estima
     rng = random.Random(SEED)
     replicates = [
         math.exp(
-            math.fsum(math.log(_paired(a.samples, b.samples, rng)) for a, b in present)
+            math.fsum(math.log(_paired(a.samples, b.samples, rng, paired)) for a, b in present)
             / len(present)
         )
         for _ in range(BOOTSTRAP)
