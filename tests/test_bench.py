@@ -471,3 +471,26 @@ def test_an_unknown_operation_is_one_line() -> None:
     assert ran.code == 2, ran.text
     assert ran.err.startswith("error: no operation get_by_name: one of get_by_pk, ")
     assert ran.err.count("\n") == 1
+
+
+@needs_bench_group
+def test_render_writes_the_same_report_again_from_the_samples(tmp_path: Path) -> None:
+    from orm_async_tests.bench import report
+
+    report.write(fake_run(1.0), tmp_path / "a")
+    ran = run_command(
+        "orm-async-tests",
+        "bench",
+        "--render",
+        str(tmp_path / "a" / "bench.json"),
+        "--out",
+        str(tmp_path / "b"),
+    )
+    assert ran.code == 0, ran.text
+    first, again = (json.loads((tmp_path / d / "bench.json").read_text()) for d in "ab")
+    assert again["geomeans"] == first["geomeans"]
+    assert again["cells"] == first["cells"]
+    assert (tmp_path / "b" / "bench-reads.png").exists()
+    broken = run_command("orm-async-tests", "bench", "--render", str(tmp_path / "none.json"))
+    assert broken.code == 2
+    assert broken.err.startswith("error: cannot read a run from ")

@@ -342,3 +342,30 @@ async def test_a_tiny_attempts_run_checks_and_times_every_cell_under_each_loop(
     table = md_path.read_text()
     assert f"## {loops[-1]} · concurrency 2 · get by primary key, narrow row" in table
     assert "| execution_options AUTOCOMMIT (the old SA best) |" in table
+
+
+@needs_bench_group
+def test_bench_profile_writes_the_breakdowns_and_the_attempts(tmp_path: Path) -> None:
+    """``bench --profile --quick``: every profiled pair gets its section and chart."""
+    from orm_async_tests.bench.command import PROFILED
+
+    from .commands import run_command
+
+    ran = run_command(
+        "orm-async-tests",
+        "bench",
+        "--profile",
+        "--quick",
+        "--concurrency",
+        "1",
+        "--out",
+        str(tmp_path),
+    )
+    assert ran.code == 0, ran.text
+    page = (tmp_path / "profile.md").read_text()
+    for operation, level in PROFILED:
+        assert (tmp_path / f"profile-{operation}-c{level}.png").read_bytes()[:4] == b"\x89PNG"
+        assert f"![breakdown](profile-{operation}-c{level}.png)" in page
+    assert len(json.loads((tmp_path / "profile.json").read_text())) == len(PROFILED)
+    attempts = (tmp_path / "attempts.md").read_text()
+    assert "## asyncio · concurrency 1 · get by primary key" in attempts

@@ -102,6 +102,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="run nothing: compare two bench.json files (the run to publish, then its repeat)",
     )
     bench.add_argument(
+        "--render",
+        metavar="JSON",
+        help="run nothing: write the Markdown and charts again from a bench.json's samples",
+    )
+    bench.add_argument(
         "--readme", default=None, metavar="FILE", help="with --compare: write FILE's bench block"
     )
     bench.add_argument(

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -45,10 +44,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from .. import migrations
-from ..db import Target, open_database, resolve_target
-from ..lab.runner import guarded
-from ..settings import Settings
+from ..db import Target
+from ..lab.runner import guarded, ready_database
 from . import plots, report, reproduce
 from .stats import times
 from .suite import BenchRun, group_count, merged, run_bench
@@ -123,14 +120,7 @@ def measure(
     for loop in loops:
 
         async def one(target_out: list[Target], loop: str = loop) -> int:
-            settings = dataclasses.replace(Settings.from_env(), driver="asyncpg")
-            target = resolve_target(settings)
-            target_out.append(target)
-            async with open_database(settings, target=target) as db:
-                await db.server_version()
-                message = await migrations.prepare(db)
-                if message:
-                    print(message)
+            async with ready_database(target_out, driver="asyncpg") as (db, _):
                 runs.append(
                     await run_bench(
                         db,
@@ -167,14 +157,7 @@ def profile(args: argparse.Namespace, console: Console) -> int:
     written: list[Path] = []
 
     async def main(target_out: list[Target]) -> int:
-        settings = dataclasses.replace(Settings.from_env(), driver="asyncpg")
-        target = resolve_target(settings)
-        target_out.append(target)
-        async with open_database(settings, target=target) as db:
-            await db.server_version()
-            message = await migrations.prepare(db)
-            if message:
-                print(message)
+        async with ready_database(target_out, driver="asyncpg") as (db, _):
             runs = []
             for operation, level in PROFILED:
                 console.print(f"profiling {operation} at concurrency {level} …")
@@ -218,11 +201,30 @@ def write_profiles(runs: Sequence[Any], directory: Path) -> list[Path]:
     return [data, md, *charts]
 
 
+def render(path: Path, directory: Path, console: Console) -> int:
+    """``--render bench.json``: the Markdown and the charts again, from the run's samples."""
+    import json
+
+    from ..errors import SetupError
+    from .suite import from_json
+
+    try:
+        run = from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SetupError(f"cannot read a run from {path}: {type(exc).__name__}: {exc}") from exc
+    analysis = report.analyse(run)
+    paths = report.write(run, directory, analysis) + plots.write(run, directory)
+    console.print("Written: " + ", ".join(str(p) for p in paths))
+    return EXIT_FAILED if run.failed else EXIT_OK
+
+
 def bench(args: argparse.Namespace) -> int:
     """The ``bench`` subcommand's body."""
     out, err = consoles()
     if args.profile:
         return profile(args, out)
+    if args.render:
+        return render(Path(args.render), Path(args.out), out)
     if args.compare:
         return reproduce.compare_files(
             [Path(p) for p in args.compare], Path(args.out), args.readme, out

@@ -179,7 +179,7 @@ def goals(run: BenchRun, analysis: Analysis) -> list[dict[str, Any]]:
                     for op, names in analysis.ratios[loop][level].items()
                     if (e := names.get(goal.ratio)) is not None
                 }
-                missed = {op: e.value for op, e in per_op.items() if e.value < goal.target}
+                missed = {op: asdict(e) for op, e in per_op.items() if e.value < goal.target}
                 met = g.value >= goal.target if goal.on == "geomean" else not missed
                 found.append(
                     {
@@ -316,16 +316,23 @@ def goal_lines(run: BenchRun, analysis: Analysis) -> list[str]:
         r = RATIOS[g["ratio"]]
         where = "geometric mean" if g["on"] == "geomean" else "every operation"
         mean = Estimate(**g["geomean"])
+        target = g["target"]
         verdict = "**met**" if g["met"] else "**missed**"
+        if g["on"] == "geomean" and mean.low <= target <= mean.high:
+            verdict += " (its interval holds the target: not settled by this run)"
         line = (
-            f"- {r.title} ≥ {g['target']}{TIMES} on {where}, {g['loop']}, concurrency "
-            f"{g['concurrency']}: {verdict} (geometric mean {mean.shown()})"
+            f"- {r.title} ≥ {target}{TIMES} on {where}, {g['loop']}, concurrency "
+            f"{g['concurrency']}: {verdict}; geometric mean {mean.shown()}"
         )
         if g["missed_on"]:
-            below = ", ".join(
-                f"{ops[op]['title']} {value:.2f}{TIMES}" for op, value in g["missed_on"].items()
-            )
-            line += f"; below {g['target']}{TIMES} on: {below}"
+            below = []
+            for op, found in g["missed_on"].items():
+                e = Estimate(**found)
+                short = f"short by {1 - e.value / target:.0%}"
+                if e.high >= target:
+                    short += ", within the interval"
+                below.append(f"{ops[op]['title']} {e.shown()}, {short}")
+            line += f"; below {target}{TIMES} on: " + "; ".join(below)
         lines.append(line)
     return lines or ["- (the implementations the goals compare were not in this run)"]
 

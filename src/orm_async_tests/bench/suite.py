@@ -13,7 +13,7 @@ import gc
 import os
 import platform
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -81,6 +81,14 @@ class BenchRun:
     @property
     def loops(self) -> list[str]:
         return list(self.meta["loops"])
+
+
+def from_json(data: dict[str, Any]) -> BenchRun:
+    """The run a ``bench.json`` holds (its samples), to render again."""
+    names = {f.name for f in fields(Cell)}
+    return BenchRun(
+        data["meta"], [Cell(**{k: v for k, v in c.items() if k in names}) for c in data["cells"]]
+    )
 
 
 def merged(runs: Sequence[BenchRun]) -> BenchRun:
