@@ -94,8 +94,14 @@ def report(session: nox.Session) -> None:
     )
 
 
-SQLALCHEMY_LINES = {"2.0": "sqlalchemy[asyncio]>=2.0,<2.1", "2.1": None}
-"""The SQLAlchemy lines of the matrix: 2.0's newest release, and 2.1 as the lock pins it."""
+SQLALCHEMY_LINES = {"2.0": "sqlalchemy[asyncio]>=2.0,<2.0.59", "2.1": None}
+"""The SQLAlchemy lines of the matrix: 2.0.58, and 2.1 as the lock pins it.
+
+2.0.59 (released 2026-12) maps asyncpg's errors by SQLSTATE class (OperationalError,
+ProgrammingError, InternalError … where 2.0.58 and 2.1.9 give the bare DBAPIError): on
+it, experiments 6, 8, 10 and 17-21 fail their error-class checks on asyncpg (seen in CI
+on 2026-12-06). Until their expectations know that release, the matrix stays on 2.0.58,
+the release the committed findings were observed on."""
 
 
 @nox.session
