@@ -69,7 +69,8 @@ OPERATION_KEYS = ("get_by_pk", "get_narrow")
 ASYNCPG, BEST = impl_asyncpg.IMPL.key, best.IMPL.key
 LOOPS = ("asyncio", "uvloop")
 CONNECTION_BUDGET = 80
-"""Connections the attempts of one group may hold (the embedded server allows 100)."""
+"""Connections the attempts of one group may hold: fits a server with PostgreSQL's default
+``max_connections`` of 100 too (the embedded one allows 250)."""
 
 H = TypeVar("H")
 

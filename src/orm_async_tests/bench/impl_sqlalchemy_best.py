@@ -92,7 +92,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..db import Database
 from .cases import Environment, Implementation
@@ -107,23 +107,20 @@ class SqlalchemyBest(Implementation[AsyncConnection]):
     def __init__(self) -> None:
         super().__init__()
         self.db: Database | None = None
-        self.autocommit: AsyncEngine | None = None
 
     async def open(self, env: Environment) -> None:
         self.db = env.open_database(self.driver, pool_use_lifo=True, isolation_level="AUTOCOMMIT")
-        self.autocommit = self.db.engine
 
     @asynccontextmanager
     async def task(self) -> AsyncIterator[AsyncConnection]:
-        assert self.autocommit is not None
-        async with self.autocommit.connect() as conn:
+        assert self.db is not None
+        async with self.db.engine.connect() as conn:
             yield conn
 
     async def close(self) -> None:
         if self.db is not None:
             await self.db.dispose()
             self.db = None
-            self.autocommit = None
 
 
 IMPL = SqlalchemyBest()

@@ -113,6 +113,7 @@ from .dataset import Dataset, Sizes
 from .operations import OPERATIONS, Operation
 from .runner import _describe, execute
 from .stats import DASH, TIMES, number
+from .suite import connected
 
 WAITING = "waiting"
 KERNEL = "kernel"
@@ -598,13 +599,10 @@ async def run_profile(
     plan = ProfilePlan(ops=ops, concurrency=concurrency, repeats=repeats, interval=interval)
     data = Dataset(db, sizes or Sizes())
     run = ProfileRun(meta=_meta(db, op, data, plan))
-    opened: list[Implementation[Any]] = []
-    try:
-        await data.seed(writers=concurrency)
+    env = Environment(db, pool_size=concurrency)
+    async with connected(data, impls, env, writers=concurrency):
         cells = []
         for impl in impls:
-            opened.append(impl)
-            await impl.open(Environment(db, pool_size=concurrency))
             result = ImplProfile(impl.key, impl.label)
             run.results.append(result)
             case = impl.cases.get(operation)
@@ -614,16 +612,7 @@ async def run_profile(
             cell = Cell(impl, case, result)
             if await _check(cell, op, data, concurrency):
                 cells.append(cell)
-        gc.collect()
-        gc.freeze()
         await _measure(cells, op, data, plan)
-    finally:
-        gc.unfreeze()
-        try:
-            for impl in reversed(opened):
-                await impl.close()
-        finally:
-            await data.drop()
     return run
 
 

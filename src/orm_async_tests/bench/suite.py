@@ -12,7 +12,8 @@ from __future__ import annotations
 import gc
 import os
 import platform
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -162,6 +163,31 @@ async def check_connections(db: Database, needed: int) -> None:
         )
 
 
+@asynccontextmanager
+async def connected(
+    data: Dataset, impls: Sequence[Implementation[Any]], env: Environment, *, writers: int
+) -> AsyncIterator[None]:
+    """Seed ``data``, open every implementation, then keep what lives for the whole run
+    (modules, models, the data set) out of the collections the runner starts before each
+    timed run (~0.1 s each); undone in reverse however the block ends."""
+    opened: list[Implementation[Any]] = []
+    try:
+        await data.seed(writers=writers)
+        for impl in impls:
+            opened.append(impl)
+            await impl.open(env)
+        gc.collect()
+        gc.freeze()
+        yield
+    finally:
+        gc.unfreeze()
+        try:
+            for impl in reversed(opened):
+                await impl.close()
+        finally:
+            await data.drop()
+
+
 async def run_bench(
     db: Database,
     *,
@@ -210,28 +236,12 @@ async def run_bench(
             },
         }
     )
-    opened: list[Implementation[Any]] = []
-    try:
-        await data.seed(writers=levels[-1])
-        for impl in impls:
-            opened.append(impl)
-            await impl.open(env)
-        # what exists now (modules, models, the data set) lives for the whole run: keep it
-        # out of the collections the runner starts before each timed run (~0.1 s each)
-        gc.collect()
-        gc.freeze()
+    async with connected(data, impls, env, writers=levels[-1]):
         for op in ops.values():
             for level in levels:
                 if progress is not None:
                     progress(f"{op.title} · concurrency {level} · {loop}")
                 run.cells += await run_group(impls, op, level, data, plan, loop)
-    finally:
-        gc.unfreeze()
-        try:
-            for impl in reversed(opened):
-                await impl.close()
-        finally:
-            await data.drop()
     seconds = round(load.seconds(), 1)
     run.meta["seconds"] = seconds
     run.meta["per_loop"] = {loop: {"seconds": seconds, "load": load.stop()}}
